@@ -1,0 +1,42 @@
+# The two set-up commands: `make demo` and `make test`. Both create .venv if it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+# Offline by design: nothing is downloaded at run time; tiny models are built into .cache/.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+export BENTOML_DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TIPSEN_HOME ?= $(CURDIR)/.cache/tipsen
+
+.PHONY: venv demo test test-fast bench serve clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+demo: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+test: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/test-deps.sh
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+
+test-fast: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks
+
+serve: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/tipsen serve
+
+clean:
+	rm -rf .cache build dist *.egg-info

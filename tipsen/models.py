@@ -1,0 +1,320 @@
+"""Model references -> loaded components.
+
+A reference is a Hugging Face id, a local directory, or `tiny:<name>`. A tiny reference is built once,
+offline and deterministically, into a local directory with `save_pretrained`; from then on it loads through
+exactly the same loader as any other local directory, so no code path exists only for tiny models.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from tipsen.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+TINY_VERSION = "v1"  # bump when a tiny architecture changes, so cached builds are rebuilt
+TINY_SEED = 0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TIPSEN_HOME", Path.home() / ".cache" / "tipsen"))
+
+
+# ---------------------------------------------------------------- devices
+
+
+def resolve_device(pref: str = "auto") -> str:
+    import torch
+
+    if pref != "auto":
+        return pref
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(pref: str, device: str):
+    import torch
+
+    if pref == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32  # fp32 on CPU: bf16 matmuls are slow there
+    return getattr(torch, pref)
+
+
+# ---------------------------------------------------------------- tiny builders
+
+
+def _clip_tokenizer(out: Path):
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    # Without model_max_length the SDXL pipeline overflows in encode_prompt.
+    return CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77)
+
+
+def _clip_text_config(tok, **kw):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=32, layer_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), norm_num_groups=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=64, scaling_factor=0.13025,
+    )
+
+
+def _unet_blocks() -> dict[str, Any]:
+    return dict(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=1,
+    )
+
+
+def _sd_scheduler_config() -> dict[str, Any]:
+    # The published SD/SDXL noise schedule.
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+
+
+def build_tiny_sdxl(out: Path) -> None:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(TINY_SEED)
+    tok = _clip_tokenizer(out / "_tok")
+    tok2 = _clip_tokenizer(out / "_tok2")
+    text_encoder = CLIPTextModel(_clip_text_config(tok))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tok2))
+    unet = UNet2DConditionModel(
+        **_unet_blocks(), transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        cross_attention_dim=64,  # text encoder 1 hidden 32 + text encoder 2 hidden 32
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + text encoder 2 projection 32
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok, tokenizer_2=tok2,
+        unet=unet, scheduler=EulerDiscreteScheduler(**_sd_scheduler_config(), interpolation_type="linear"),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(out / "_tok")
+    shutil.rmtree(out / "_tok2")
+
+
+def build_tiny_sd(out: Path) -> None:
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(TINY_SEED)
+    tok = _clip_tokenizer(out / "_tok")
+    unet = UNet2DConditionModel(**_unet_blocks(), cross_attention_dim=32)
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(), text_encoder=CLIPTextModel(_clip_text_config(tok)), tokenizer=tok, unet=unet,
+        scheduler=DDIMScheduler(**_sd_scheduler_config(), clip_sample=False, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(out / "_tok")
+
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+def build_tiny_clip(out: Path) -> None:
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    # The layout of open_clip's hub repos, so the same `local-dir:` loader reads it.
+    (out / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}, indent=2), encoding="utf-8")
+    torch.manual_seed(TINY_SEED)
+    model = open_clip.create_model(f"local-dir:{out}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+
+
+def build_tiny_dino(out: Path) -> None:
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(TINY_SEED)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    image_size=64, patch_size=16)
+    ViTModel(cfg).save_pretrained(out, safe_serialization=True)
+    ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(out)
+
+
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def build_tiny_llm(out: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    # A byte-level BPE with no merges: every byte is a token, as in Llama 3's tokenizer before merges.
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                  pad_token="<|end_of_text|>", additional_special_tokens=LLAMA3_SPECIALS[2:4])
+    tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    torch.manual_seed(TINY_SEED)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=True, temperature=0.8,
+                                               top_p=0.9)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+TINY_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "sdxl": build_tiny_sdxl, "sd": build_tiny_sd, "clip": build_tiny_clip, "dino": build_tiny_dino,
+    "llm": build_tiny_llm,
+}
+
+
+def tiny_path(name: str) -> Path:
+    """Build a tiny model once (atomically, under a lock) and return its local directory."""
+    from filelock import FileLock
+
+    if name not in TINY_BUILDERS:
+        raise ConfigError(f"model reference 'tiny:{name}': unknown tiny model; allowed: "
+                          + ", ".join(f"tiny:{n}" for n in TINY_BUILDERS))
+    root = cache_dir() / "tiny"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{name}-{TINY_VERSION}"
+    with FileLock(str(final) + ".lock"):
+        if not final.exists():
+            log.info("building tiny:%s into %s", name, final)
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+            try:
+                TINY_BUILDERS[name](tmp)
+                tmp.rename(final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return final
+
+
+def resolve_ref(ref: str) -> str:
+    """A tiny reference becomes its local directory; a local path or hub id passes through unchanged."""
+    if not ref or not isinstance(ref, str):
+        raise ConfigError(f"model reference {ref!r}: expected a hub id, a local directory or tiny:<name>")
+    if ref.startswith("tiny:"):
+        return str(tiny_path(ref.removeprefix("tiny:")))
+    return ref
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def load_pipeline(ref: str, *, pipeline_class: str = "auto", device: str = "auto", dtype: str = "auto"):
+    """Load a text-to-image diffusers pipeline from safetensors only."""
+    import diffusers
+
+    device = resolve_device(device)
+    path = resolve_ref(ref)
+    cls = diffusers.AutoPipelineForText2Image if pipeline_class == "auto" else getattr(diffusers, pipeline_class)
+    pipe = cls.from_pretrained(path, torch_dtype=resolve_dtype(dtype, device), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_clip(ref: str, *, device: str = "auto"):
+    """An open_clip model, its eval transform and tokenizer, from safetensors only.
+
+    `tiny:clip`, a local directory in open_clip's hub layout (`open_clip_config.json` +
+    `open_clip_model.safetensors`), or `hf-hub:ORG/REPO`, of which only those two files are fetched.
+    """
+    import open_clip
+
+    device = resolve_device(device)
+    path = resolve_ref(ref)
+    if path.startswith("hf-hub:"):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path.removeprefix("hf-hub:"),
+                                 allow_patterns=["open_clip_config.json", "open_clip_model.safetensors"])
+    local = Path(path)
+    if not (local / "open_clip_config.json").is_file() or not (local / "open_clip_model.safetensors").is_file():
+        raise ConfigError(f"CLIP reference {ref!r}: expected tiny:clip, hf-hub:ORG/REPO or a directory with "
+                          "open_clip_config.json and open_clip_model.safetensors")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{local}", device=device)
+    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{local}")
+
+
+def load_llm(ref: str, *, device: str = "auto", dtype: str = "auto"):
+    """A causal LM and its tokenizer (with chat template), from safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    path = resolve_ref(ref)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), use_safetensors=True)
+    return model.to(device).eval(), tokenizer
+
+
+def load_vision(ref: str, *, device: str = "auto"):
+    """A transformers vision backbone (DINO, DINOv2) and its image processor, from safetensors only."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    device = resolve_device(device)
+    path = resolve_ref(ref)
+    processor = AutoImageProcessor.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, use_safetensors=True)
+    return model.to(device).eval(), processor
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("refs", nargs="+", help="model references, e.g. tiny:sdxl tiny:clip")
+
+
+def run(args) -> int:
+    """Build tiny models (if needed) and print where each reference resolves."""
+    for ref in args.refs:
+        print(f"{ref}\t{resolve_ref(ref)}")
+    return 0
