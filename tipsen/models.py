@@ -259,7 +259,7 @@ def load_pipeline(ref: str, *, pipeline_class: str = "auto", device: str = "auto
     device = resolve_device(device)
     path = resolve_ref(ref)
     cls = diffusers.AutoPipelineForText2Image if pipeline_class == "auto" else getattr(diffusers, pipeline_class)
-    pipe = cls.from_pretrained(path, torch_dtype=resolve_dtype(dtype, device), use_safetensors=True)
+    pipe = cls.from_pretrained(path, dtype=resolve_dtype(dtype, device), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -1,0 +1,88 @@
+"""The offline model substrate: each tiny:* model loads and runs forward through the real loaders."""
+import numpy as np
+import pytest
+import torch
+
+from tipsen import models
+from tipsen.config import ConfigError
+
+
+def test_tiny_sdxl_is_a_real_sdxl_pipeline_and_runs():
+    pipe = models.load_pipeline("tiny:sdxl")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    out = pipe("A photo of Gimjang Tradition", num_inference_steps=2, guidance_scale=5.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+def test_tiny_sdxl_loads_through_the_same_path_as_a_saved_pipeline(tmp_path):
+    """A pipeline saved with save_pretrained to a directory is what any local/real reference is."""
+    tiny = models.load_pipeline("tiny:sdxl")
+    saved = tmp_path / "sdxl-local"
+    tiny.save_pretrained(saved, safe_serialization=True)
+    assert not list(saved.rglob("*.bin")) and list(saved.rglob("*.safetensors"))
+    local = models.load_pipeline(str(saved))
+    assert type(local) is type(tiny)
+    kw = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np")
+    a = tiny("a hanok", generator=torch.Generator().manual_seed(1), **kw).images
+    b = local("a hanok", generator=torch.Generator().manual_seed(1), **kw).images
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_tiny_sd_is_sd1_style():
+    pipe = models.load_pipeline("tiny:sd")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe("x", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def test_tiny_clip_embeds_images_and_text():
+    from PIL import Image
+
+    model, preprocess, tokenizer = models.load_clip("tiny:clip")
+    with torch.no_grad():
+        img = model.encode_image(preprocess(Image.new("RGB", (80, 60), "red"))[None])
+        txt = model.encode_text(tokenizer(["A photo of Yakgwa Food"]))
+    assert img.shape == txt.shape == (1, 32)
+
+
+def test_tiny_llm_chat_template_and_generate():
+    model, tok = models.load_llm("tiny:llm")
+    ids = tok.apply_chat_template([{"role": "user", "content": "김장"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    text = tok.decode(ids[0])
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+    assert "김장" in text and text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    torch.manual_seed(0)
+    out = model.generate(ids, max_new_tokens=5, do_sample=True, temperature=0.8)
+    assert out.shape[1] == ids.shape[1] + 5 or int(out[0, -1]) == tok.eos_token_id
+
+
+def test_tiny_dino_vision_backbone():
+    from PIL import Image
+
+    model, proc = models.load_vision("tiny:dino")
+    with torch.no_grad():
+        hidden = model(**proc(Image.new("RGB", (64, 64)), return_tensors="pt")).last_hidden_state
+    assert hidden.shape[-1] == 32
+
+
+def test_tiny_build_is_deterministic(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("TIPSEN_HOME", str(tmp_path))
+    fresh = models.tiny_path("sd")
+    monkeypatch.delenv("TIPSEN_HOME")
+    cached = models.tiny_path("sd")
+    assert fresh != cached
+    a = load_file(fresh / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(cached / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_tiny_and_bad_clip_refs(tmp_path):
+    with pytest.raises(ConfigError, match="allowed: tiny:sdxl"):
+        models.resolve_ref("tiny:gpt")
+    with pytest.raises(ConfigError, match="open_clip_model.safetensors"):
+        models.load_clip(str(tmp_path))
