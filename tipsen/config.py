@@ -44,8 +44,9 @@ class CurateParams(Section):
     max_aspect: float = Field(3.0, ge=1.0, le=100.0)
     max_pixels: int = Field(64_000_000, ge=1)  # explicit decompression-bomb cap
     max_file_bytes: int = Field(50_000_000, ge=1)
-    phash_hamming: int = Field(6, ge=0, le=64)
-    min_sharpness: float = Field(10.0, ge=0.0)
+    phash_size: int = Field(8, ge=4, le=32)  # pHash of phash_size^2 bits; 8 is the classic 64-bit hash
+    phash_hamming: int = Field(6, ge=0, le=1024)  # near-duplicate: at most this many differing bits
+    min_sharpness: float = Field(10.0, ge=0.0)  # Laplacian variance, short side capped at 2 x resolution
     relevance: bool = True
     min_relevance: float = Field(0.15, ge=-1.0, le=1.0)
     relevance_weight: float = Field(1.0, ge=0.0)
@@ -54,6 +55,12 @@ class CurateParams(Section):
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # held out from training, used as eval's real images
     batch_size: int = Field(32, ge=1, le=1024)  # CLIP scoring batch
     workers: int = Field(2, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _hamming_fits(self) -> "CurateParams":
+        if self.phash_hamming > self.phash_size ** 2:
+            raise ValueError(f"phash_hamming {self.phash_hamming} exceeds the hash's {self.phash_size ** 2} bits")
+        return self
 
 
 class TrainParams(Section):
@@ -84,7 +91,8 @@ class TrainParams(Section):
     gradient_checkpointing: bool = False
     compile: bool = False
     allow_tf32: bool = True
-    validation_seeds: list[int] = [0, 1]
+    validation_seeds: list[int] = [0, 1]  # columns of validation.png; [] skips the grid
+    sample_steps: int = Field(28, ge=1, le=200)  # denoising steps for prior class images and validation.png
 
 
 class GenerateParams(Section):
@@ -103,11 +111,12 @@ class GenerateParams(Section):
 
 
 class OpenAIParams(Section):
-    base_url: str = "http://127.0.0.1:8000/v1"
+    base_url: str = Field("http://127.0.0.1:8000/v1", pattern=r"^https?://")
     model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
     api_key_env: str = "TIPSEN_LLM_API_KEY"  # the key itself is never stored in params
     timeout_s: float = Field(30.0, gt=0)
-    max_retries: int = Field(3, ge=0, le=10)
+    max_retries: int = Field(3, ge=0, le=10)  # transport retries on 5xx, 408/429, timeouts, connection errors
+    backoff_s: float = Field(0.5, ge=0.0, le=60.0)  # the i-th retry waits backoff_s * 2**i
 
 
 class AssistantParams(Section):
@@ -119,6 +128,7 @@ class AssistantParams(Section):
     num_examples: int = Field(2, ge=0, le=16)
     examples: list[str] = ["sebae", "kimbap"]  # slugs; same-category examples are preferred
     attempts: int = Field(2, ge=1, le=10)  # LLM attempts before falling back to the template
+    batch_size: int = Field(16, ge=1, le=256)  # prompts per generate() call, or concurrent endpoint requests
     openai: OpenAIParams = OpenAIParams()
 
 
@@ -144,22 +154,39 @@ class EvalParams(Section):
     bootstrap: int = Field(1000, ge=0, le=100_000)
     grid_keywords: int = Field(6, ge=1, le=100)
 
+    @model_validator(mode="after")
+    def _unique_methods(self) -> "EvalParams":
+        names = [m.name for m in self.methods]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"methods: the name {dup[0]!r} is used twice; method names must be unique")
+        return self
+
 
 class ServiceParams(Section):
-    max_batch_size: int = Field(8, ge=1, le=64)
-    max_latency_ms: int = Field(60_000, ge=1)
-    timeout_s: int = Field(300, ge=1)
-    max_concurrency: int = Field(32, ge=1)
-    max_queue: int = Field(64, ge=1)
+    max_batch_size: int = Field(8, ge=2, le=64)  # requests per adaptive batch (BentoML needs >= 2)
+    max_latency_ms: int = Field(60_000, ge=1)  # queued longer than this: shed with 503 (covers queueing + one batch)
+    timeout_s: int = Field(300, ge=1)  # per HTTP request; the GPU work of a timed-out request still runs
+    max_concurrency: int = Field(80, ge=2)  # HTTP requests in flight per worker; each generation holds two
+    max_queue: int = Field(32, ge=1)  # generation/refine requests admitted and not yet finished; beyond: 429
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    gpus: int = Field(1, ge=0, le=1)  # one SDXL worker per GPU; scale out with replicas
+
+    @model_validator(mode="after")
+    def _room_for_queue(self) -> "ServiceParams":
+        if self.max_concurrency < 2 * self.max_queue:
+            raise ValueError(f"max_concurrency ({self.max_concurrency}) must be at least 2 x max_queue "
+                             f"({self.max_queue}): each admitted generation is an outer and an inner HTTP call")
+        return self
 
 
 class FlowsParams(Section):
-    train_concurrency: int = Field(2, ge=1, le=256)
-    work_pool: str | None = None
-    retries: int = Field(2, ge=0, le=10)
-    retrain_cron: str = "0 3 * * 1"  # weekly, Monday 03:00
-    promotion_margin: float = Field(0.01, ge=0.0, le=1.0)
+    train_concurrency: int = Field(2, ge=1, le=256)  # keywords in training at once (threads, or pool runs)
+    work_pool: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # null: train in-process
+    retries: int = Field(2, ge=0, le=10)  # per keyword, transient errors only; never a ConfigError
+    retry_delay_s: float = Field(30.0, ge=0.0, le=3600.0)  # first retry's wait; each next one waits 2x longer
+    retrain_cron: str = Field("0 3 * * 1", pattern=r"^\s*(\S+\s+){4}\S+\s*$")  # weekly, Monday 03:00
+    promotion_margin: float = Field(0.01, ge=0.0, le=1.0)  # a candidate may score this much below the current
 
 
 class Params(Section):

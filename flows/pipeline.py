@@ -1,0 +1,103 @@
+"""The flows: curate, train (a run per keyword, on threads or on a work pool), evaluate, and the scheduled
+retrain with its promotion gate. Flows only orchestrate; the work is in flows/tasks.py, which calls tipsen/.
+
+Paths default to the DVC layout (dvc.yaml) and are relative to the project root, where flows are served from
+and where a work pool's workers run (their working directory is the deployment's source).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from flows import tasks
+from tipsen.promote import STATE_FILE
+
+RAW, CURATED, LORAS, METRICS, REPORTS = "data/raw", "data/curated", "models/loras", "metrics", "reports"
+CANDIDATES = "models/candidates"  # retrain's candidates: loras/<slug>, bank.json, metrics/train/<slug>.csv
+PARAMS = "params.yaml"
+FLOW = dict(persist_result=True, result_serializer="json")
+
+
+@flow(name="curate", **FLOW)
+def curate_flow(raw: str = RAW, out: str = CURATED, params_file: str = PARAMS, profile: str | None = None,
+                metrics: str | None = METRICS) -> dict:
+    """Curate a raw KS-KEIT export into the training set (the DVC stage `curate`)."""
+    params = tasks.config(params_file, profile)
+    return tasks.curate_data(params, raw, out, metrics)
+
+
+@flow(name="train-keyword", **FLOW)
+def train_keyword_flow(slug: str, data: str = CURATED, loras: str = LORAS, params_file: str = PARAMS,
+                       profile: str | None = None, metrics: str | None = METRICS) -> dict:
+    """One keyword's training as a flow run of its own: what a work pool's worker runs for train_flow."""
+    params = tasks.config(params_file, profile)
+    return tasks.with_retries(tasks.train_keyword, params.flows)(params, slug, data, f"{loras}/{slug}", metrics)
+
+
+@flow(name="train", **FLOW)
+def train_flow(keywords: list[str] | None = None, data: str = CURATED, loras: str = LORAS, bank: str | None = None,
+               params_file: str = PARAMS, profile: str | None = None, metrics: str | None = METRICS) -> dict:
+    """Train each keyword's LoRA (flows.train_concurrency at once; one flow run per keyword on flows.work_pool when
+    set), then index the adapters into `bank` (default: beside `loras`). A failing keyword never stops the others."""
+    params = tasks.config(params_file, profile)
+    slugs, pool = tasks.keywords(params, keywords), params.flows.work_pool
+    train, n = tasks.with_retries(tasks.train_keyword, params.flows), params.flows.train_concurrency
+    # Pool runs only wait, so threads; local training gets a process per worker: loading a diffusers pipeline
+    # is not thread-safe (the meta-device init is process-global), and each keyword gets its own memory.
+    with (ThreadPoolTaskRunner(max_workers=n) if pool else ProcessPoolTaskRunner(max_workers=n)) as runner:
+        if pool:
+            futures = {s: runner.submit(tasks.train_on_pool, {
+                "deployment": f"{train_keyword_flow.name}/{pool}", "slug": s,
+                "parameters": dict(slug=s, data=data, loras=loras, params_file=params_file, profile=profile,
+                                   metrics=metrics)}) for s in slugs}
+        else:
+            futures = {s: runner.submit(train, dict(params=params, slug=s, data=data, out=f"{loras}/{s}",
+                                                    metrics=metrics)) for s in slugs}
+        report = tasks.train_report(futures)
+    report["bank"] = tasks.index_bank(params, loras, bank or str(Path(loras).parent / "bank.json"))
+    return report
+
+
+@flow(name="evaluate", **FLOW)
+def evaluate_flow(curated: str = CURATED, bank: str | None = None, keywords: list[str] | None = None,
+                  params_file: str = PARAMS, profile: str | None = None, metrics: str = METRICS,
+                  reports: str = REPORTS) -> dict:
+    """The paper's evaluation table for the bank (the DVC stage `evaluate`)."""
+    params = tasks.config(params_file, profile)
+    return tasks.evaluate_bank(params, curated, bank or params.generate.bank, metrics, reports, keywords)
+
+
+@flow(name="retrain", **FLOW)
+def retrain_flow(raw: str = RAW, curated: str = CURATED, loras: str = LORAS, bank: str | None = None,
+                 candidates: str = CANDIDATES, state: str = str(STATE_FILE), params_file: str = PARAMS,
+                 profile: str | None = None, metrics: str | None = METRICS, dvc_root: str | None = ".") -> dict:
+    """Retrain the keywords that new raw items changed, promote a candidate only if its held-out alignment is not
+    worse than the live adapter's by more than flows.promotion_margin (one bank swap), and record it in dvc.lock."""
+    params = tasks.config(params_file, profile)
+    bank = bank or params.generate.bank
+    raw_changes = tasks.detect_raw_changes(params, raw, state)
+    if not raw_changes["changed"]:
+        return {"changed_raw": [], "note": "no new or changed raw items since the last run"}
+    report = {"changed_raw": raw_changes["changed"], "curate": tasks.curate_data(params, raw, curated, metrics)}
+    data = tasks.outdated_adapters(params, curated, loras, state)
+    report.update(changed_curated=data["changed"], outdated=data["outdated"])
+    failed, promoted = [], []
+    if data["outdated"]:
+        report["train"] = trained = train_flow(
+            keywords=list(data["outdated"]), data=curated, loras=f"{candidates}/loras", bank=f"{candidates}/bank.json",
+            params_file=params_file, profile=profile, metrics=f"{candidates}/metrics")
+        failed = list(trained["failed"])
+        ready = [*trained["trained"], *trained["skipped_unchanged"]]
+        scores = tasks.gate_scores(params, ready, candidate_bank=f"{candidates}/bank.json", bank=bank,
+                                   curated=curated)
+        report["promotion"] = tasks.promote_adapters(params, scores, candidates=f"{candidates}/loras", loras=loras,
+                                                     bank=bank, candidate_metrics=f"{candidates}/metrics",
+                                                     metrics=metrics)
+        promoted = report["promotion"]["promoted"]
+    if dvc_root:
+        outputs = [raw, curated, *[f"{loras}/{s}" for s in data["changed"] if s not in failed]]
+        report["lineage"] = tasks.record_lineage(dvc_root, outputs + ([bank] if promoted else []), bank)
+    report["state"] = tasks.save_state(state, raw_changes["digests"], data["digests"], failed)
+    return report

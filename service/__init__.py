@@ -1,0 +1,1 @@
+"""The BentoML HTTP service (`service.service:Tipsen`) and its web page (`service/static/`)."""

@@ -1,0 +1,346 @@
+"""The tipsen HTTP service: SDXL + the LoRA bank + the Senior Prompting Assistant, behind adaptive batching.
+
+Configuration comes from `params.yaml` (TIPSEN_PARAMS; profile: TIPSEN_PROFILE) and the bank index TIPSEN_BANK
+(default: generate.bank). Models and the bank load in a background thread: /livez answers at once, /readyz and
+the APIs answer 503 until loading is done. The bank is read once, at startup: after `tipsen bank build` (or
+`dvc repro`) restart the service to serve new or retrained adapters.
+
+POST /generate (JSON, base64 PNGs), POST /generate_png (one image/png body), POST /refine, GET /keywords,
+GET /route, GET / (the web page), /livez, /readyz. POST /generate_batch is private: /generate fans each request
+out to it, and BentoML's dispatcher forms the adaptive batches.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+from annotated_types import Ge, Le, MultipleOf
+from fastapi import FastAPI, Query
+from fastapi.responses import FileResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, StringConstraints
+from starlette.responses import JSONResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from service.middleware import INTERNAL_HEADER, INTERNAL_TOKEN, ErrorShape, Guard
+from tipsen.assistant import SEED_MAX, Refinement
+from tipsen.config import ConfigError, load_params
+from tipsen.generate import GenerationRequest
+from tipsen.registry import SLUG_PATTERN, Registry
+
+log = logging.getLogger("tipsen.service")
+ROOT = Path(__file__).resolve().parent.parent
+STATIC = Path(__file__).resolve().parent / "static"
+PARAMS = load_params(os.environ.get("TIPSEN_PARAMS") or ROOT / "params.yaml")
+GEN, SVC = PARAMS.generate, PARAMS.service
+BANK = Path(os.environ.get("TIPSEN_BANK") or ROOT / GEN.bank)
+LOAD_DELAY_S = float(os.environ.get("TIPSEN_DEBUG_LOAD_DELAY_S", "0"))  # debug: widen the not-ready window
+
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=GEN.max_prompt_chars)]
+Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN)]
+Seed = Annotated[int, Ge(0), Le(SEED_MAX)]
+Size = Annotated[int, Ge(GEN.min_size), Le(GEN.max_size), MultipleOf(8)]
+
+
+def nullable(schema: dict) -> None:
+    """Optional fields as OpenAPI 3.0 `nullable` (BentoML's document keeps only the first branch of an anyOf)."""
+    for prop in schema.get("properties", {}).values():
+        branches = prop.get("anyOf", [])
+        if len(branches) == 2 and {"type": "null"} in branches:
+            prop.pop("anyOf")
+            prop.update(next(b for b in branches if b != {"type": "null"}), nullable=True)
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=nullable)
+
+
+class PictureInput(Model):
+
+    prompt: Prompt
+    keyword: Slug | None = None  # a bank slug; None: routed from the prompt
+    assist: bool = True
+    seed: Seed | None = None  # None: a random seed, returned in the response
+    steps: Annotated[int, Ge(1), Le(50)] = GEN.steps
+    guidance: Annotated[float, Ge(0), Le(20)] = GEN.guidance
+    lora_scale: Annotated[float, Ge(0), Le(2)] = GEN.lora_scale
+    width: Size | None = None  # None: generate.width, else the model's native size
+    height: Size | None = None
+
+
+class GenerateInput(PictureInput):
+    num_images: Annotated[int, Ge(1), Le(4)] = 1
+
+
+class RefineInput(Model):
+    prompt: Prompt
+    keyword: Slug | None = None
+    seed: Seed | None = None
+
+
+class BatchItem(Model):
+    images: list[str]  # base64 PNGs
+    metadata: dict[str, Any]
+
+
+class GenerateOutput(Model):
+    images: list[str]  # base64-encoded PNGs
+    prompt: str  # the prompt SDXL saw (refined when assist is on)
+    original: str  # the prompt as sent
+    keyword: str | None  # the bank slug used; None: the base model alone
+    route: dict[str, Any]  # how the keyword was chosen
+    assistant_backend: str | None  # template, transformers or openai; None when assist is off
+    refined: dict[str, Any] | None
+    seed: int
+    steps: int
+    guidance: float
+    lora_scale: float
+    width: int
+    height: int
+    model: str
+    adapter: str | None
+    timings: dict[str, float]
+
+
+class KeywordOut(Model):
+    slug: str
+    keyword: str
+    ko: str
+    class_token: str
+    category: str
+    available: bool
+    reason: str | None  # why the adapter cannot be used
+
+
+class KeywordsOut(Model):
+    base_model: str
+    device: str
+    keywords: list[KeywordOut]
+
+
+class RouteOut(Model):
+    slug: str | None
+    keyword: str | None
+    ko: str | None
+    available: bool
+    matched: str | None
+
+
+class ErrorOut(Model):
+    error: str
+
+
+class RefineOutput(Refinement):
+    model_config = ConfigDict(frozen=True, json_schema_extra=nullable)
+
+
+def error(status: int, message: str) -> JSONResponse:
+    headers = {"Retry-After": "5"} if status in (429, 503) else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class Slots:
+    """Admitted generation work not yet finished. A timed-out request keeps its slot until its work ends."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self._lock = limit, 0, threading.Lock()
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self.used >= self.limit:
+                return False
+            self.used += 1
+            return True
+
+    def release(self, n: int = 1) -> None:
+        with self._lock:
+            self.used -= n
+
+
+ui = FastAPI(title="tipsen", docs_url=None, redoc_url=None, openapi_url=None)
+ui.mount("/ui", StaticFiles(directory=STATIC), name="ui")
+
+
+@ui.get("/", include_in_schema=False)
+def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+BUSY = f"busy: {SVC.max_queue} requests are already waiting (service.max_queue); retry in a few seconds"
+NOT_READY = {503: {"model": ErrorOut, "description": "still loading"}}
+
+
+@bentoml.asgi_app(ui, path="/")
+@bentoml.service(
+    name="tipsen",
+    traffic={"timeout": SVC.timeout_s, "max_concurrency": SVC.max_concurrency},
+    resources={"gpu": SVC.gpus} if SVC.gpus else {"cpu": "2"},
+    workers=1,  # one SDXL pipeline per GPU; scale out with replicas
+    endpoints={"livez": "/livez", "readyz": "/readyz"},
+)
+class Tipsen:
+    def __init__(self) -> None:
+        logging.getLogger("tipsen").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
+        self.loaded, self.failure = threading.Event(), None
+        self.gpu, self.slots = threading.Lock(), Slots(SVC.max_queue)
+        self.generator = self.assistant = self.registry = None
+        threading.Thread(target=self._load, name="tipsen-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            from tipsen.assistant import Assistant
+            from tipsen.bank import Bank
+            from tipsen.generate import Generator
+
+            PARAMS.log()
+            time.sleep(LOAD_DELAY_S)
+            self.registry = Registry.load()
+            curated = ROOT / "data" / "curated"
+            self.assistant = Assistant.from_params(PARAMS, registry=self.registry,
+                                                   curated=curated if curated.is_dir() else None)
+            self.generator = Generator(PARAMS, bank=Bank(BANK), assistant=self.assistant, registry=self.registry)
+            log.info("ready: %s", self.generator.status())
+            self.loaded.set()
+        except ConfigError as exc:
+            self.failure = str(exc)
+            log.error("cannot load: %s", exc)
+        except Exception:
+            self.failure = "loading failed; see the server log"
+            log.exception("loading failed")
+
+    def __is_ready__(self) -> bool:
+        return self.loaded.is_set()
+
+    def __is_alive__(self) -> bool:
+        return self.failure is None
+
+    def _unavailable(self) -> JSONResponse | None:
+        if self.loaded.is_set():
+            return None
+        return error(503, f"not ready: {self.failure or 'the models are still loading'}")
+
+    # ---------------------------------------------------------------- generation
+
+    @bentoml.api(batchable=True, max_batch_size=SVC.max_batch_size, max_latency_ms=SVC.max_latency_ms)
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[BatchItem]:
+        """Private: one adaptive batch (mixed keywords allowed) through Generator.generate_batch."""
+        try:
+            with self.gpu:
+                results = self.generator.generate_batch(requests)
+            log.info("batch size %d: keywords %s", len(requests), [r.metadata.get("keyword") for r in results])
+            return [BatchItem(images=[png_b64(im) for im in r.images], metadata=r.metadata) for r in results]
+        finally:
+            self.slots.release(len(requests))
+
+    async def _generate(self, inp: PictureInput) -> BatchItem | JSONResponse:
+        if (unavailable := self._unavailable()) is not None:
+            return unavailable
+        try:
+            req = GenerationRequest(**inp.model_dump())
+            self.generator.validate(req)
+        except ConfigError as exc:
+            return error(400, str(exc))
+        if not self.slots.acquire():
+            return error(429, BUSY)
+        # BentoML's pattern: call the batchable API through the service's own client, so the dispatcher batches.
+        # Its sessions are built from `default_headers`; the token opens the private route to this process only.
+        self.to_async.default_headers[INTERNAL_HEADER] = INTERNAL_TOKEN
+        call = asyncio.ensure_future(self.to_async.generate_batch([req]))
+        call.add_done_callback(self._settle)
+        try:
+            return (await asyncio.shield(call))[0]  # a timeout cancels this wait, not the queued work
+        except bentoml.exceptions.BentoMLException as exc:
+            if exc.error_code in (429, 503):  # shed by the dispatcher or the concurrency limit
+                return error(503, "busy: the batch queue is full; retry in a few seconds")
+            raise
+
+    def _settle(self, call: asyncio.Future) -> None:
+        """Free the slot of a request that never reached the batch API (that API frees the others)."""
+        code = 0 if call.cancelled() else int(getattr(call.exception(), "error_code", 0) or 0)
+        if call.cancelled() or 400 <= code < 500 or code == 503:  # 500 and 504: the batch API ran or will run
+            self.slots.release(1)
+
+    @bentoml.api(input_spec=GenerateInput)
+    async def generate(self, **fields: Any) -> GenerateOutput:
+        """Generate images; JSON with base64 PNGs, the refined prompt, the keyword and seed used, and timings."""
+        inp = GenerateInput(**fields)
+        item = await self._generate(inp)
+        if isinstance(item, JSONResponse):
+            return item
+        out = {k: v for k, v in item.metadata.items() if k in GenerateOutput.model_fields}
+        refined = out.get("refined")
+        out.update(images=item.images, original=inp.prompt, assistant_backend=refined and refined.get("backend"))
+        return GenerateOutput(**out)
+
+    @bentoml.api(input_spec=PictureInput)
+    async def generate_png(self, **fields: Any) -> Image.Image:
+        """Generate one image and return it as an image/png body; the seed and keyword are in X-Tipsen-* headers."""
+        item = await self._generate(PictureInput(**fields))
+        if isinstance(item, JSONResponse):
+            return item
+        meta = item.metadata
+        return Response(base64.b64decode(item.images[0]), media_type="image/png",
+                        headers={"X-Tipsen-Seed": str(meta.get("seed")), "X-Tipsen-Keyword": meta.get("keyword") or ""})
+
+    @bentoml.api(input_spec=RefineInput)
+    async def refine(self, **fields: Any) -> RefineOutput:
+        """The Senior Prompting Assistant alone: a short (often Korean) prompt -> a validated English prompt."""
+        if (unavailable := self._unavailable()) is not None:
+            return unavailable
+        inp = RefineInput(**fields)
+        if not self.slots.acquire():
+            return error(429, BUSY)
+
+        def work() -> Refinement:
+            try:
+                with self.gpu:
+                    return self.assistant.refine(inp.prompt, keyword=inp.keyword, seed=inp.seed)
+            finally:
+                self.slots.release(1)
+
+        try:
+            return RefineOutput(**(await asyncio.to_thread(work)).model_dump())
+        except ConfigError as exc:
+            return error(400, str(exc))
+
+    # ---------------------------------------------------------------- GET endpoints (FastAPI, in the OpenAPI doc)
+
+    @ui.get("/keywords", response_model=KeywordsOut, responses=NOT_READY)
+    async def keywords(self):
+        """The bank: each adapter's names and whether it is available (with the reason if not)."""
+        if (unavailable := self._unavailable()) is not None:
+            return unavailable
+        status = self.generator.status()
+        rows = [KeywordOut(slug=slug, keyword=a["keyword"], ko=a["ko"], class_token=a["class_token"],
+                           category=self.registry[slug].category, available=a["available"], reason=a.get("reason"))
+                for slug, a in status["adapters"].items()]
+        return KeywordsOut(base_model=status["base_model"], device=status["device"], keywords=rows)
+
+    @ui.get("/route", response_model=RouteOut, responses=NOT_READY)
+    async def route(self, text: Annotated[str, Query(max_length=GEN.max_prompt_chars)] = ""):
+        """The keyword a prompt would be drawn with (the web page's live hint)."""
+        if (unavailable := self._unavailable()) is not None:
+            return unavailable
+        slug = self.generator.route(text).slug
+        adapter = self.generator.status()["adapters"].get(slug) if slug else None
+        kw = self.registry[slug] if slug else None
+        return RouteOut(slug=slug, keyword=kw and kw.keyword, ko=kw and kw.ko, matched=None,
+                        available=bool(adapter and adapter["available"]))
+
+
+Tipsen.add_asgi_middleware(ErrorShape)
+Tipsen.add_asgi_middleware(Guard, max_body_bytes=SVC.max_body_bytes, private=frozenset({"/generate_batch"}))

@@ -1,0 +1,355 @@
+"""The Senior Prompting Assistant: validation, the template, tiny:llm through transformers, and a real HTTP
+chat-completions endpoint on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tipsen.assistant import Assistant, Rejected, validate
+from tipsen.config import AssistantParams, ConfigError, ModelsParams, OpenAIParams, Params
+
+KEY = "sk-test-7f3a9c1e5b2d"  # a made-up key: it must never reach the logs
+GOOD = ("A realistic photo of Gimjang Tradition, grandmothers in aprons salting cabbages in a courtyard, "
+        "soft autumn light, warm family atmosphere.")
+
+
+def assistant(registry, curated=None, **cfg) -> Assistant:
+    params = Params(profile="test", keywords=["gimjang"], models=ModelsParams(llm="tiny:llm"),
+                    assistant=AssistantParams(**cfg))
+    return Assistant.from_params(params, registry=registry, curated=curated)
+
+
+def assert_valid(prompt: str, kw) -> None:
+    assert prompt.startswith("A realistic photo of ")
+    assert len(prompt.split()) <= 30
+    assert kw.keyword in prompt and kw.class_token in prompt
+    assert prompt.isascii() and "\n" not in prompt and '"' not in prompt
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_validate_cleans_chatter_labels_and_quotes(registry):
+    kw = registry["gimjang"]
+    assert validate(f'Refined Prompt: "{GOOD}"', kw) == GOOD
+    assert validate(f"Sure! Here is the refined prompt:\n\n\u201c{GOOD}\u201d\n\nI hope this helps!", kw) == GOOD
+    assert validate(f"**Prompt:** {GOOD} (19 words)", kw) == GOOD
+    assert validate(GOOD.upper().replace("A REALISTIC", "a REALISTIC"), kw).startswith(
+        "A realistic photo of Gimjang Tradition")  # prefix and keyword take their canonical spelling
+    assert validate("Korean women making kimchi for Gimjang Tradition", kw) == \
+        "A realistic photo of Korean women making kimchi for Gimjang Tradition."  # only the prefix was missing
+    assert validate("A photo of Gimjang Tradition with grandmothers", kw) == \
+        "A realistic photo of Gimjang Tradition with grandmothers."
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ("A realistic photo of Gimjang Tradition, 김장 with grandmothers.", "non-Latin"),
+    ("A realistic photo of Gimjang Tradition, 泡菜 in jars.", "non-Latin"),
+    ("A realistic photo of Korean women making kimchi in autumn.", "missing keyword"),
+    ("A realistic photo of Gimjang, women making kimchi in autumn.", "missing class token"),
+    ("   \n\n  ", "empty"),
+    ("Refined Prompt: A realistic photo of", "nothing after"),
+])
+def test_validate_rejects(registry, answer, reason):
+    with pytest.raises(Rejected, match=reason):
+        validate(answer, registry["gimjang"])
+
+
+def test_validate_trims_45_words_at_a_clause(registry):
+    kw = registry["gimjang"]
+    long = ("A realistic photo of Gimjang Tradition, three generations of a family in padded winter jackets, "
+            "salting napa cabbages in rubber basins, in the courtyard of an old tiled house, under soft "
+            "late autumn light, with steam rising from pots and neighbours laughing nearby, nostalgic mood")
+    assert len(long.split()) == 45
+    out = validate(long, kw)
+    assert len(out.split()) <= 30 and out.endswith("house.")  # cut after the last clause that fits
+    late = "A realistic photo of " + "many " * 30 + "people at Gimjang Tradition."
+    with pytest.raises(Rejected, match="missing keyword 'Gimjang' within 30 words"):
+        validate(late, kw)
+
+
+# ---------------------------------------------------------------- template
+
+
+def test_template_gives_a_valid_prompt_for_every_keyword(registry):
+    a = assistant(registry, backend="template")
+    assert len(registry) == 30
+    for kw in registry:
+        for text in (kw.prompt, kw.ko, f"{kw.ko} 어릴 적 추억"):
+            r = a.refine(text, seed=11)
+            assert r.keyword == kw.slug, text  # Korean names route to their keyword
+            assert (r.backend, r.attempts, r.fallback_reason, r.original) == ("template", 1, None, text)
+            assert_valid(r.prompt, kw)
+
+
+def test_template_routes_korean_sentences(registry):
+    a = assistant(registry, backend="template")
+    r = a.refine("어릴 적 김장하던 날", seed=1)
+    assert r.keyword == "gimjang" and "Gimjang Tradition" in r.prompt
+    r = a.refine("첨성대 앞에서", seed=1)
+    assert r.keyword == "cheomseongdae" and "Cheomseongdae Landmark" in r.prompt
+    r = a.refine("고향 바다", seed=1)  # no keyword: still a valid English prompt
+    assert r.keyword is None and r.prompt.startswith("A realistic photo of") and r.prompt.isascii()
+
+
+def test_template_is_deterministic_by_seed(registry):
+    a, b = assistant(registry, backend="template"), assistant(registry, backend="template")
+    assert a.refine("김장", seed=5).prompt == b.refine("김장", seed=5).prompt
+    assert len({a.refine("김장", seed=s).prompt for s in range(10)}) > 1
+    r = a.refine("김장")  # no seed: a random one, recorded so that the prompt can be reproduced
+    assert b.refine("김장", seed=r.seed).prompt == r.prompt
+
+
+def test_template_and_examples_use_curated_english_texts(registry, tmp_path):
+    (tmp_path / "gimjang").mkdir()
+    rows = [{"file_name": "0.png", "text": "김장 — 어릴 적 추억"},
+            {"file_name": "1.png", "text": "Gimjang: grandmothers salting cabbages in red basins."}, "not json"]
+    (tmp_path / "gimjang" / "metadata.jsonl").write_text(
+        "\n".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    a = assistant(registry, curated=tmp_path, backend="template", examples=["gimjang"], num_examples=1)
+    assert a.template.details(registry["gimjang"]) == ["grandmothers salting cabbages in red basins"]
+    assert "grandmothers salting cabbages" in a.refine("김장", seed=0).prompt
+    # No curated texts for hanok: the registry's English description is used.
+    assert a.template.details(registry["hanok"]) == ["a traditional wooden house with a curved tiled roof"]
+    msgs = a.messages("A photo of Hanok House", registry["hanok"])
+    assert msgs[0]["role"] == "system" and "Begin with \"A realistic photo of\"" in msgs[0]["content"]
+    assert "at most 30 words" in msgs[0]["content"]
+    assert msgs[1] == {"role": "user", "content": 'Input description: "A photo of Gimjang Tradition."\n'
+                       'Keyword and class: "Gimjang Tradition" (use these words exactly).'}
+    assert "grandmothers salting cabbages" in msgs[2]["content"] and msgs[2]["role"] == "assistant"
+    assert "translate" not in msgs[-1]["content"] and "Hanok House" in msgs[-1]["content"]
+    assert "translate it into English" in a.messages("한옥", registry["hanok"])[-1]["content"]
+
+
+def test_examples_prefer_the_same_category(registry):
+    a = assistant(registry, backend="template", examples=["sebae", "kimbap"], num_examples=1)
+    assert [e.slug for e in a.examples(registry["yakgwa"])] == ["kimbap"]
+    assert [e.slug for e in a.examples(registry["gimjang"])] == ["sebae"]
+    b = assistant(registry, backend="template", examples=["sebae", "kimbap"], num_examples=2)
+    assert [e.slug for e in b.examples(registry["hanok"])] == ["sebae", "kimbap"]  # configured order
+    assert [e.slug for e in b.examples(registry["sebae"])] == ["gimjang", "kimbap"]  # itself excluded, topped up
+    with pytest.raises(ConfigError, match="assistant.examples: unknown keyword 'pyramid'"):
+        assistant(registry, backend="template", examples=["pyramid"])
+
+
+def test_refine_batch_keeps_order_and_checks_inputs(registry):
+    a = assistant(registry, backend="template")
+    kws = list(registry)
+    out = a.refine_batch([k.ko for k in kws], seeds=list(range(30)))
+    assert [r.keyword for r in out] == [k.slug for k in kws]
+    assert [r.seed for r in out] == list(range(30))
+    assert a.refine("내 어린 시절", keyword="hanok", seed=0).keyword == "hanok"  # an explicit keyword wins
+    with pytest.raises(ValueError, match="2 prompts but 1 keywords"):
+        a.refine_batch(["a", "b"], keywords=["gimjang"])
+    with pytest.raises(ConfigError, match="keyword: unknown keyword 'pyramid'"):
+        a.refine("x", keyword="pyramid")
+    with pytest.raises(ConfigError, match="prompt"):
+        a.refine("  ")
+
+
+def test_cli_prints_json(root, tmp_path, capsys):
+    from tipsen.cli import main
+
+    rc = main(["refine", "김장", "--seed", "3", "--params", str(root / "params.yaml"), "--profile", "demo",
+               "--backend", "template", "--curated", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["keyword"] == "gimjang" and out["original"] == "김장" and out["seed"] == 3
+    assert out["backend"] == "template" and out["prompt"].startswith("A realistic photo of Gimjang Tradition")
+    assert main(["refine", "김장", "--keyword", "pyramid", "--params", str(root / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown keyword 'pyramid'" in err
+
+
+# ---------------------------------------------------------------- transformers on tiny:llm
+
+
+@pytest.fixture(scope="module")
+def llm_assistant(registry):
+    return assistant(registry, backend="transformers", num_examples=1, max_new_tokens=8, attempts=2)
+
+
+def test_transformers_rejects_gibberish_and_falls_back(llm_assistant, registry, monkeypatch, caplog):
+    model, tok = llm_assistant.llm.load()
+    calls = []
+    real_generate = model.generate
+
+    def spy(*args, **kwargs):  # records the arguments; the generation itself is real
+        calls.append(kwargs)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    with caplog.at_level(logging.WARNING, logger="tipsen.assistant"):
+        r = llm_assistant.refine("어릴 적 김장하던 날", seed=1)
+    assert len(calls) == 2  # two attempts, both real sampling calls
+    for kw in calls:
+        assert kw["do_sample"] is True and kw["temperature"] == 0.8 and kw["top_p"] == 0.9
+        assert kw["max_new_tokens"] == 8
+    text = tok.decode(calls[0]["input_ids"][0])
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+    assert "<|start_header_id|>user<|end_header_id|>\n\nInput description: \"어릴 적 김장하던 날\"" in text
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")  # generation prompt
+    assert "translate it into English" in text and "A realistic photo of Sebae Tradition" in text
+    # The random model's answer failed validation twice; the template answered and the reason is recorded.
+    assert (r.backend, r.attempts, r.keyword) == ("template", 2, "gimjang")
+    assert r.fallback_reason.startswith("transformers: rejected:")
+    assert_valid(r.prompt, registry["gimjang"])
+    rejected = [rec for rec in caplog.records if "failed: rejected" in rec.getMessage()]
+    assert len(rejected) == 2
+
+
+def test_transformers_batch_matches_single_calls_per_seed(llm_assistant, registry):
+    be = llm_assistant.llm
+    c1 = llm_assistant.messages("김장", registry["gimjang"])
+    c2 = llm_assistant.messages("A photo of Hanok House by the river at dusk", registry["hanok"])
+    batch = be.generate([c1, c2], [5, 6])  # different lengths: left padding
+    assert [r.text for r in batch] == [be.generate([c1], [5])[0].text, be.generate([c2], [6])[0].text]
+    assert batch[0].text != be.generate([c1], [7])[0].text  # the seed matters
+
+
+def test_transformers_load_failure_falls_back(registry):
+    params = Params(profile="test", keywords=["gimjang"], models=ModelsParams(llm="no-such-org/no-such-model"),
+                    assistant=AssistantParams(backend="transformers"))
+    r = Assistant.from_params(params, registry=registry, curated=None).refine("김장", seed=0)
+    assert r.backend == "template" and r.fallback_reason.startswith("transformers: OSError")
+
+
+# ---------------------------------------------------------------- openai-compatible endpoint on 127.0.0.1
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        step = self.server.script.pop(0) if self.server.script else (500, "script exhausted", 0)
+        status, content, delay = step(body) if callable(step) else step
+        time.sleep(delay)
+        payload = ({"choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                 "finish_reason": "stop"}]} if status == 200 else {"error": {"message": content}})
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client timed out and hung up
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def endpoint():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads, server.block_on_close = True, False
+    server.script, server.requests = [], []
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture()
+def openai(registry, endpoint, monkeypatch):
+    monkeypatch.setenv("TIPSEN_TEST_LLM_KEY", KEY)
+    monkeypatch.delenv("TIPSEN_LLM_BASE_URL", raising=False)
+    monkeypatch.delenv("TIPSEN_LLM_MODEL", raising=False)
+    opts = OpenAIParams(base_url=endpoint.url, model="llama-test", api_key_env="TIPSEN_TEST_LLM_KEY",
+                        timeout_s=0.5, max_retries=1, backoff_s=0.01)
+    a = assistant(registry, backend="openai", attempts=2, openai=opts)
+    yield a
+    a.close()
+
+
+def test_openai_good_answer(openai, endpoint, registry):
+    endpoint.script = [(200, f"Here is the refined prompt:\n\"{GOOD}\"", 0)]
+    r = openai.refine("김장", seed=7)
+    assert (r.prompt, r.backend, r.attempts, r.fallback_reason, r.seed) == (GOOD, "openai", 1, None, 7)
+    (req,) = endpoint.requests
+    assert req["path"] == "/v1/chat/completions" and req["headers"]["Authorization"] == f"Bearer {KEY}"
+    body = req["body"]
+    assert (body["model"], body["temperature"], body["top_p"], body["seed"]) == ("llama-test", 0.8, 0.9, 7)
+    assert body["max_tokens"] == 80 and body["messages"][0]["role"] == "system"
+    assert "김장" in body["messages"][-1]["content"] and "translate" in body["messages"][-1]["content"]
+
+
+def test_openai_over_long_answers(openai, endpoint):
+    long = GOOD.rstrip(".") + ", " + ", ".join(["children running between the jars"] * 5) + "."
+    endpoint.script = [(200, long, 0)]
+    r = openai.refine("김장", seed=1)
+    assert r.backend == "openai" and r.attempts == 1 and len(r.prompt.split()) <= 30  # trimmed at a clause
+    # Over-long with the keyword past the limit: rejected, retried with a new seed, then accepted.
+    endpoint.requests.clear()
+    endpoint.script = [(200, "A realistic photo of " + "old " * 40 + "Gimjang Tradition.", 0), (200, GOOD, 0)]
+    r = openai.refine("김장", seed=1)
+    assert (r.prompt, r.backend, r.attempts) == (GOOD, "openai", 2)
+    assert endpoint.requests[0]["body"]["seed"] != endpoint.requests[1]["body"]["seed"]
+
+
+def test_openai_retries_a_500(openai, endpoint):
+    endpoint.script = [(500, "overloaded", 0), (200, GOOD, 0)]
+    r = openai.refine("김장", seed=2)
+    assert (r.prompt, r.backend, r.attempts) == (GOOD, "openai", 2) and len(endpoint.requests) == 2
+
+
+def test_openai_timeout_falls_back(openai, endpoint, registry):
+    endpoint.script = [(200, GOOD, 2.0), (200, GOOD, 2.0)]  # slower than timeout_s=0.5
+    r = openai.refine("김장", seed=3)
+    assert r.backend == "template" and r.attempts == 2 and len(endpoint.requests) == 2
+    assert "timeout" in r.fallback_reason
+    assert_valid(r.prompt, registry["gimjang"])
+
+
+def test_openai_401_is_not_retried_and_the_key_is_not_logged(openai, endpoint, caplog):
+    caplog.set_level(logging.DEBUG)
+    endpoint.script = [lambda body: (401, f"Incorrect API key provided: {KEY}", 0), (200, GOOD, 0)]
+    r = openai.refine("김장", seed=4)
+    assert len(endpoint.requests) == 1  # no retry on a client error
+    assert r.backend == "template" and r.attempts == 1 and "HTTP 401" in r.fallback_reason
+    assert "HTTP 401" in caplog.text and "Incorrect API key provided: ***" in caplog.text
+    assert KEY not in caplog.text
+
+
+def test_openai_batch_is_concurrent_and_in_order(openai, endpoint):
+    def answer(body):  # answers with the keyword the request asked for
+        phrase = re.search(r'Keyword and class: "([^"]+)"', body["messages"][-1]["content"]).group(1)
+        return 200, f"A realistic photo of {phrase}, elders in hanbok smiling, soft light.", 0.05
+
+    endpoint.script = [answer] * 4
+    out = openai.refine_batch(["김장", "한옥", "첨성대", "떡국"], seeds=[1, 2, 3, 4])
+    assert [r.keyword for r in out] == ["gimjang", "hanok", "cheomseongdae", "tteokguk"]
+    assert all(r.backend == "openai" for r in out)
+    assert "Hanok House" in out[1].prompt and "Tteokguk Food" in out[3].prompt
+    assert sorted(req["body"]["seed"] for req in endpoint.requests) == [1, 2, 3, 4]
+
+
+def test_openai_connection_error_is_retried_then_falls_back(registry, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("TIPSEN_LLM_BASE_URL", raising=False)
+    opts = OpenAIParams(base_url=f"http://127.0.0.1:{port}/v1", max_retries=2, backoff_s=0.01)
+    r = assistant(registry, backend="openai", openai=opts).refine("김장", seed=0)
+    assert r.backend == "template" and r.attempts == 3 and "connection error" in r.fallback_reason
+
+
+def test_openai_base_url_must_be_http(registry, monkeypatch):
+    from tipsen.config import parse_params
+
+    with pytest.raises(ConfigError, match="assistant.openai.base_url"):
+        parse_params({"profile": "p", "keywords": ["gimjang"],
+                      "profiles": {"p": {"assistant": {"openai": {"base_url": "localhost:8000/v1"}}}}})
+    monkeypatch.setenv("TIPSEN_LLM_BASE_URL", "file:///etc/passwd")
+    with pytest.raises(ConfigError, match="TIPSEN_LLM_BASE_URL"):
+        assistant(registry, backend="openai")

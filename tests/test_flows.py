@@ -1,0 +1,380 @@
+"""Prefect flows against a real temporary Prefect API (SQLite), on the demo profile with 2 keywords and 4 steps.
+
+The flows run the real tipsen stages on tiny models. Two failures are injected because they cannot be produced
+naturally here (a transient OSError, and scores that order two tiny random adapters); each says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYWORDS = ["gimjang", "sebae"]
+MISSING = "hanbok"  # a registry keyword with no curated data: its training must fail alone
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def write_params(path: Path, **flows) -> Path:
+    """The project's demo profile, shrunk: 2 keywords, 4 training steps, 2-step sampling, a 2-method eval."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    demo = raw["profiles"]["demo"]
+    demo["curate"].update(per_keyword=50, workers=1)  # keep every usable item, so new items always change data
+    demo["train"].update(steps=4, log_every=2, checkpoint_every=2, validation_seeds=[])
+    demo["generate"].update(steps=2)
+    demo["eval"].update(images_per_keyword=2, real_images=2, bootstrap=20, grid_keywords=2, methods=[
+        {"name": "SDXL (tiny)", "base": "tiny:sdxl", "steps": 2},
+        {"name": "SDXL+LoRA (tiny)", "base": "tiny:sdxl", "lora": True, "steps": 2}])
+    demo["flows"] = {**demo.get("flows", {}), "retry_delay_s": 0, "train_concurrency": 2, **flows}
+    path.write_text(yaml.safe_dump({"profile": "demo", "keywords": KEYWORDS, "profiles": {"demo": demo}},
+                                   allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def export(src: Path, dst: Path, slugs: list[str]) -> Path:
+    """A raw export holding only `slugs`' items (the demo export has all 30 keywords)."""
+    from tipsen.registry import Registry
+
+    registry, lines = Registry.load(), []
+    for line in (src / "items.jsonl").read_text(encoding="utf-8").splitlines():
+        item = json.loads(line)
+        kw = registry.resolve(item["keyword"])
+        if kw and kw.slug in slugs:
+            lines.append(line)
+            if (src / item["image"]).is_file():
+                (dst / item["image"]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / item["image"], dst / item["image"])
+    (dst / "items.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dst
+
+
+def add_items(raw: Path, slug: str, n: int = 3, seed: int = 99) -> None:
+    """New crawl items for one keyword: fresh images of its motif, appended to items.jsonl."""
+    from tipsen.demodata import motif
+    from tipsen.registry import Registry
+
+    index = [k.slug for k in Registry.load()].index(slug)
+    rng = np.random.default_rng([seed, index])
+    with open(raw / "items.jsonl", "a", encoding="utf-8") as f:
+        for j in range(n):
+            rel = f"images/{slug}/new-{seed}-{j}.png"
+            (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+            motif(index, rng, int(rng.integers(128, 256)), int(rng.integers(128, 256))).save(raw / rel)
+            f.write(json.dumps({"id": f"new-{seed}-{slug}-{j}", "keyword": slug, "image": rel, "text": "새 기사 사진",
+                                "source": "senior-news/article/new", "collected_at": "2025-01-01"}) + "\n")
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def bank_shas(bank: Path) -> dict[str, str]:
+    return {e["slug"]: e["sha256"] for e in json.loads(Path(bank).read_text())["adapters"]}
+
+
+def logs_of(flow_run_id) -> list[str]:
+    """Every log message of a flow run and its task runs, read back from the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+def task_runs_of(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r for r in runs}
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect API on SQLite, with results and caches in a temporary home."""
+    from prefect.settings import (PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, PREFECT_SERVER_ANALYTICS_ENABLED,
+                                  temporary_settings)
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: home, PREFECT_LOCAL_STORAGE_PATH: home / "storage",
+                             PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=300):
+            yield home
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, demo_raw, prefect_api):
+    """A 2-keyword project: raw export and params; curate_flow and train_flow run on it once."""
+    ws = tmp_path_factory.mktemp("flows")
+    export(demo_raw, ws / "raw", KEYWORDS)
+    write_params(ws / "params.yaml")
+    return ws  # every path is passed absolute: nothing lands in the repository
+
+
+@pytest.fixture(scope="module")
+def curated(workspace):
+    from flows.pipeline import curate_flow
+
+    return curate_flow(raw=str(workspace / "raw"), out=str(workspace / "curated"),
+                       params_file=str(workspace / "params.yaml"), metrics=str(workspace / "metrics"))
+
+
+@pytest.fixture(scope="module")
+def trained(workspace, curated):
+    """train_flow over the 2 keywords plus one without data; returns (report, flow run id)."""
+    from flows.pipeline import train_flow
+
+    state = train_flow(keywords=[*KEYWORDS, MISSING], data=str(workspace / "curated"),
+                       loras=str(workspace / "models" / "loras"), params_file=str(workspace / "params.yaml"),
+                       metrics=str(workspace / "metrics"), return_state=True)
+    return state.result(), state.state_details.flow_run_id
+
+
+def _copy(ws: Path, dst: Path) -> Path:
+    for name in ("raw", "curated", "models", "params.yaml"):
+        (shutil.copytree if (ws / name).is_dir() else shutil.copy2)(ws / name, dst / name)
+    return dst
+
+
+# ---------------------------------------------------------------- flows
+
+
+def test_curate_flow_writes_the_training_set(workspace, curated):
+    assert curated["kept_per_keyword"].keys() >= set(KEYWORDS)
+    for slug in KEYWORDS:
+        assert curated["kept_per_keyword"][slug] >= 10
+        rows = (workspace / "curated" / slug / "metadata.jsonl").read_text().splitlines()
+        assert len(rows) == curated["kept_per_keyword"][slug]
+    assert json.loads((workspace / "metrics" / "curate.json").read_text())["kept"] == curated["kept"]
+
+
+def test_train_flow_trains_each_keyword_and_reports_the_failing_one(workspace, trained):
+    report, flow_run_id = trained
+    assert sorted(report["trained"]) == KEYWORDS and report["skipped_unchanged"] == []
+    assert list(report["failed"]) == [MISSING]
+    assert "ConfigError" in report["failed"][MISSING] and "metadata.jsonl not found" in report["failed"][MISSING]
+    for slug in KEYWORDS:
+        run = report["runs"][slug]
+        assert run["status"] == "trained" and run["steps"] == 4 and run["attempts"] == 1
+        assert (workspace / "models" / "loras" / slug / "pytorch_lora_weights.safetensors").is_file()
+        assert (workspace / "metrics" / "train" / f"{slug}.csv").read_text().count("\n") == 5  # header + 4 steps
+    assert sorted(bank_shas(workspace / "models" / "bank.json")) == KEYWORDS
+    assert report["bank"]["adapters"] == KEYWORDS
+    # A ConfigError is never retried: one attempt, failed.
+    runs = task_runs_of(flow_run_id)
+    assert runs[f"train-{MISSING}"].state.is_failed() and runs[f"train-{MISSING}"].run_count == 1
+    # Progress: step and loss every train.log_every (2) steps, in the task logs.
+    logs = logs_of(flow_run_id)
+    for slug in KEYWORDS:
+        assert any(m.startswith(f"{slug} step 2/4 loss ") for m in logs)
+        assert any(m.startswith(f"{slug} step 4/4 loss ") for m in logs)
+
+
+def test_train_flow_skips_unchanged_adapters(workspace, trained):
+    from flows.pipeline import train_flow
+
+    before = sha(workspace / "models" / "loras" / KEYWORDS[0] / "pytorch_lora_weights.safetensors")
+    report = train_flow(keywords=KEYWORDS, data=str(workspace / "curated"), loras=str(workspace / "models" / "loras"),
+                        params_file=str(workspace / "params.yaml"), metrics=str(workspace / "metrics"))
+    assert report["trained"] == [] and sorted(report["skipped_unchanged"]) == KEYWORDS and report["failed"] == {}
+    assert sha(workspace / "models" / "loras" / KEYWORDS[0] / "pytorch_lora_weights.safetensors") == before
+
+
+def test_transient_error_is_retried_and_config_error_is_not(workspace, curated, tmp_path, monkeypatch):
+    import tipsen.train
+    from flows.pipeline import train_keyword_flow
+    from tipsen.config import ConfigError
+
+    real, calls = tipsen.train.train, {}
+
+    # Injected: a transient I/O failure (a full disk, a dropped NFS mount) cannot be produced on demand here.
+    def flaky(params, slug, *args, **kwargs):
+        calls[slug] = calls.get(slug, 0) + 1
+        if slug == KEYWORDS[0] and calls[slug] == 1:
+            raise OSError("No space left on device")
+        if slug == KEYWORDS[1]:
+            raise ConfigError("train.rank: 0 is too small")
+        return real(params, slug, *args, **kwargs)
+
+    monkeypatch.setattr(tipsen.train, "train", flaky)
+    # The per-keyword flow (what a pool worker runs) runs its task in this process, where the injection lives.
+    kw = dict(data=str(workspace / "curated"), loras=str(tmp_path / "loras"),
+              params_file=str(workspace / "params.yaml"), metrics=None)
+    run = train_keyword_flow(KEYWORDS[0], **kw)
+    assert run["status"] == "trained" and run["attempts"] == 2 and calls[KEYWORDS[0]] == 2
+    assert (tmp_path / "loras" / KEYWORDS[0] / "pytorch_lora_weights.safetensors").is_file()
+    state = train_keyword_flow(KEYWORDS[1], **kw, return_state=True)
+    assert state.is_failed() and calls[KEYWORDS[1]] == 1 and "train.rank: 0 is too small" in state.message
+
+
+def test_evaluate_flow_scores_the_bank(workspace, trained):
+    from flows.pipeline import evaluate_flow
+
+    result = evaluate_flow(curated=str(workspace / "curated"), bank=str(workspace / "models" / "bank.json"),
+                           params_file=str(workspace / "params.yaml"), metrics=str(workspace / "metrics"),
+                           reports=str(workspace / "reports"))
+    assert sorted(result["keywords"]) == KEYWORDS
+    assert all(m["status"] == "ok" for m in result["methods"].values())
+    assert json.loads((workspace / "metrics" / "eval.json").read_text())["methods"] == result["methods"]
+    assert (workspace / "reports" / "eval_table.md").is_file()
+
+
+def test_results_are_persisted_as_json(prefect_api, trained):
+    files = [p for p in (prefect_api / "storage").rglob("*") if p.is_file()]
+    assert files
+    for f in files:
+        record = json.loads(f.read_bytes())  # a pickle would not parse
+        assert record["metadata"]["serializer"]["type"] == "json"
+
+
+def test_retrain_refuses_a_worse_candidate_and_keeps_the_live_adapter(workspace, trained, tmp_path, monkeypatch):
+    import tipsen.evaluate
+    from flows.pipeline import retrain_flow
+
+    ws = _copy(workspace, tmp_path)
+    write_params(ws / "params.yaml", promotion_margin=0.0)  # no drop allowed
+    add_items(ws / "raw", KEYWORDS[0])
+    live = ws / "models" / "loras" / KEYWORDS[0] / "pytorch_lora_weights.safetensors"
+    before, bank_before = sha(live), sha(ws / "models" / "bank.json")
+
+    # Injected scores: tiny random CLIP models rank two adapters arbitrarily, so no real candidate is reliably
+    # worse. Everything else (curation, candidate training, candidate bank, gate, bank) is real.
+    def alignment(params, slug, *, bank, curated, **kwargs):
+        return 0.40 if "candidates" in str(bank) else 0.50
+
+    monkeypatch.setattr(tipsen.evaluate, "keyword_alignment", alignment)
+    kw = dict(raw=str(ws / "raw"), curated=str(ws / "curated"), loras=str(ws / "models" / "loras"),
+              bank=str(ws / "models" / "bank.json"), candidates=str(ws / "models" / "candidates"),
+              state=str(ws / "models" / ".retrain_state.json"), params_file=str(ws / "params.yaml"),
+              metrics=str(ws / "metrics"), dvc_root=None)
+    report = retrain_flow(**kw)
+    assert report["outdated"] == {KEYWORDS[0]: "data changed"}  # the other keyword's adapter is current
+    assert report["train"]["trained"] == [KEYWORDS[0]]
+    decision, = report["promotion"]["decisions"]
+    assert decision["promote"] is False and decision["candidate"] == 0.40 and decision["current"] == 0.50
+    assert report["promotion"]["refused"][KEYWORDS[0]].endswith("worse than the margin 0.0")
+    assert sha(live) == before and sha(ws / "models" / "bank.json") == bank_before
+    assert (ws / "models" / "candidates" / "loras" / KEYWORDS[0] / "pytorch_lora_weights.safetensors").is_file()
+    history = [json.loads(line) for line in (ws / "models" / "promotions.jsonl").read_text().splitlines()]
+    assert [(h["slug"], h["promote"]) for h in history] == [(KEYWORDS[0], False)]
+    # Nothing new since: the next run stops after looking at the raw export.
+    assert retrain_flow(**kw)["changed_raw"] == []
+
+
+@pytest.mark.slow
+def test_retrain_promotes_and_leaves_dvc_status_clean(demo_raw, prefect_api, tmp_path):
+    """A git+DVC project built by `dvc repro`; new items for one keyword; retrain_flow; `dvc status` is clean."""
+    from flows.pipeline import retrain_flow
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    for name in ("dvc.yaml", "data.dvc", "data/keywords.yaml"):
+        shutil.copy2(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "tipsen", repo / "tipsen", ignore=shutil.ignore_patterns("__pycache__"))  # stage deps
+    write_params(repo / "params.yaml", promotion_margin=1.0)  # any candidate passes the gate
+    export(demo_raw, repo / "data" / "raw", KEYWORDS)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dvc = lambda *a: subprocess.run([sys.executable, "-m", "dvc", *a], cwd=repo, env=env, check=True,  # noqa: E731
+                                    capture_output=True, text=True).stdout
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc("init", "-q")
+    dvc("commit", "-q", "-f", "data.dvc")  # this export is the tracked raw data
+    dvc("repro", "-q")
+    assert json.loads(dvc("status", "--json")) == {}
+    before = bank_shas(repo / "models" / "bank.json")
+
+    add_items(repo / "data" / "raw", KEYWORDS[0])
+    at = {k: str(repo / v) for k, v in dict(  # the flow's defaults (dvc.yaml's layout), rooted in the repo
+        raw="data/raw", curated="data/curated", loras="models/loras", bank="models/bank.json",
+        candidates="models/candidates", state="models/.retrain_state.json", params_file="params.yaml",
+        metrics="metrics").items()}
+    report = retrain_flow(**at, dvc_root=str(repo))
+    assert report["changed_raw"] == KEYWORDS  # first run: no state yet
+    assert list(report["outdated"]) == [KEYWORDS[0]]
+    assert report["promotion"]["promoted"] == [KEYWORDS[0]]
+    after = bank_shas(repo / "models" / "bank.json")
+    assert after[KEYWORDS[0]] != before[KEYWORDS[0]] and after[KEYWORDS[1]] == before[KEYWORDS[1]]
+    assert "train@" + KEYWORDS[0] in report["lineage"]["committed"]
+    assert json.loads(dvc("status", "--json")) == {}
+
+
+def test_deployments_carry_the_retrain_schedule(workspace):
+    from prefect.client.orchestration import get_client
+
+    from flows.serve import deployments
+    from tipsen.config import load_params
+
+    params = load_params(workspace / "params.yaml")
+    deps = {d.flow_name: d for d in deployments(params)}
+    assert set(deps) == {"curate", "train", "train-keyword", "evaluate", "retrain"}
+    deployment_id = deps["retrain"].apply()
+    with get_client(sync_client=True) as client:
+        stored = client.read_deployment(deployment_id)
+    assert [s.schedule.cron for s in stored.schedules] == [params.flows.retrain_cron]
+    assert deps["train"].schedules == []
+
+
+# ---------------------------------------------------------------- a real work pool
+
+
+@pytest.mark.slow
+def test_work_pool_trains_keywords_in_separate_workers(workspace, curated, prefect_api, tmp_path):
+    """Two `prefect worker start` processes on a process pool; train_flow submits one flow run per keyword."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import get_current_settings
+    from prefect.workers.process import ProcessWorker
+
+    from flows.pipeline import train_flow
+    from flows.serve import deploy_to_pool
+    from tipsen.config import load_params
+
+    pool = "tipsen-test-pool"
+    params_file = write_params(tmp_path / "params.yaml", work_pool=pool)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                               base_job_template=ProcessWorker.get_default_base_job_template()))
+    deploy_to_pool(pool, load_params(params_file), source=ROOT)
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    workers = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
+                                 "process", "--limit", "1", "--name", f"worker-{i}"], env=env, cwd=tmp_path,
+                                stdout=open(tmp_path / f"worker-{i}.log", "wb"), stderr=subprocess.STDOUT)
+               for i in range(2)]
+    try:
+        with get_client(sync_client=True) as client:  # both workers polling before any run is submitted
+            for _ in range(300):
+                if len(client.read_workers_for_work_pool(pool)) == 2:
+                    break
+                time.sleep(1)
+        report = train_flow(keywords=KEYWORDS, data=str(workspace / "curated"), loras=str(tmp_path / "loras"),
+                            params_file=str(params_file), metrics=None)
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(timeout=60)
+    assert sorted(report["trained"]) == KEYWORDS, report
+    parents = {report["runs"][s]["ppid"] for s in KEYWORDS}
+    assert parents == {w.pid for w in workers}  # each keyword's flow run was a child of a different worker
+    assert len({report["runs"][s]["pid"] for s in KEYWORDS} | {os.getpid()}) == 3
+    assert sorted(bank_shas(tmp_path / "bank.json")) == KEYWORDS

@@ -1,0 +1,310 @@
+"""Generation runtime on tiny:sdxl at 64 px: routing, reproducibility, mixed-adapter batches, bank safety, CLI."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tipsen.config import ConfigError
+
+SLUGS = ["gimjang", "yakgwa", "hanok"]
+STEPS = 2
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _same(a, b) -> bool:
+    return int(np.abs(_pixels(a) - _pixels(b)).max()) <= 1  # float noise may move a rounding by one level
+
+
+def _differ(a, b) -> float:
+    return float(np.abs(_pixels(a) - _pixels(b)).mean())
+
+
+@pytest.fixture(scope="session")
+def lora_root(tmp_path_factory, registry) -> Path:
+    """Three random LoRAs saved as the trainer saves them, indexed by the real bank builder."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from tipsen.bank import build_bank
+    from tipsen.models import resolve_ref
+
+    root = tmp_path_factory.mktemp("bank")
+    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
+    for i, slug in enumerate(SLUGS):
+        torch.manual_seed(100 + i)
+        config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                            init_lora_weights=False)  # random lora_B: each adapter visibly changes the output
+        unet.add_adapter(config, adapter_name=slug)
+        with torch.no_grad():
+            for name, param in unet.named_parameters():
+                if f"lora_B.{slug}." in name:
+                    param.mul_(4.0)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
+        StableDiffusionXLPipeline.save_lora_weights(root / "loras" / slug, unet_lora_layers=layers,
+                                                    safe_serialization=True)
+    build_bank(root / "loras", root / "bank.json", keywords=SLUGS, registry=registry, base_model="tiny:sdxl")
+    return root
+
+
+@pytest.fixture(scope="session")
+def gen(demo_params, lora_root, registry):
+    from tipsen.generate import Generator
+
+    return Generator(demo_params, bank=lora_root / "bank.json", registry=registry)
+
+
+def _copy_bank(lora_root: Path, tmp_path: Path, registry) -> Path:
+    from tipsen.bank import build_bank
+
+    shutil.copytree(lora_root / "loras", tmp_path / "loras")
+    build_bank(tmp_path / "loras", tmp_path / "bank.json", keywords=SLUGS, registry=registry, base_model="tiny:sdxl")
+    return tmp_path
+
+
+def test_routing(gen):
+    assert gen.route("어릴 적 김장하던 날").slug == "gimjang"
+    assert gen.route("GIM  JANG with grandma").slug == "gimjang"  # case- and spacing-insensitive
+    assert gen.route("김장 하던 날, 세종대왕 동상 앞에서").slug == "sejong"  # the longer name wins
+    explicit = gen.route("어릴 적 김장하던 날", keyword="yakgwa")
+    assert (explicit.slug, explicit.source) == ("yakgwa", "explicit")
+    assert gen.route("a quiet morning by the sea").as_dict() == {"slug": None, "matched": None, "source": "none"}
+
+
+def test_routed_prompt_and_metadata(gen):
+    routed, plain = gen.generate_batch([
+        {"prompt": "어릴 적 김장하던 날", "seed": 1, "steps": STEPS},
+        {"prompt": "a quiet morning by the sea", "seed": 1, "steps": STEPS}])
+    meta = routed.metadata
+    assert meta["keyword"] == meta["adapter"] == "gimjang"
+    assert meta["route"] == {"slug": "gimjang", "matched": "김장", "source": "alias"}
+    assert meta["prompt"] == "A photo of Gimjang Tradition, 어릴 적 김장하던 날"  # keyword, class token, own words
+    assert (meta["seed"], meta["steps"], meta["guidance"], meta["lora_scale"]) == (1, STEPS, 5.0, 0.7)
+    assert (meta["width"], meta["height"], meta["model"]) == (64, 64, "tiny:sdxl")
+    assert set(meta["timings"]) == {"queue", "refine", "diffusion", "total"}
+    assert routed.images[0].size == (64, 64)
+    assert plain.metadata["keyword"] is None and plain.metadata["adapter"] is None
+    assert plain.metadata["route"]["source"] == "none" and plain.metadata["lora_scale"] is None
+    assert plain.metadata["prompt"] == "a quiet morning by the sea"
+
+
+def test_seed_reproducible_and_random_seed_reported(gen):
+    req = {"prompt": "김장", "seed": 7, "steps": STEPS}
+    a, b = gen.generate(req), gen.generate(req)
+    assert np.array_equal(_pixels(a.images[0]), _pixels(b.images[0]))
+    assert _differ(a.images[0], gen.generate({**req, "seed": 8}).images[0]) > 1.0
+    drawn = gen.generate({"prompt": "김장", "steps": STEPS})
+    assert isinstance(drawn.metadata["seed"], int)
+    again = gen.generate({"prompt": "김장", "steps": STEPS, "seed": drawn.metadata["seed"]})
+    assert np.array_equal(_pixels(drawn.images[0]), _pixels(again.images[0]))
+
+
+def test_mixed_batch_matches_each_request_alone(gen, monkeypatch):
+    reqs = [
+        {"prompt": "김장하는 할머니들", "seed": 11, "steps": STEPS, "guidance": 5.0},
+        {"prompt": "grandma's yakgwa", "seed": 12, "steps": STEPS, "guidance": 5.0, "lora_scale": 1.0},
+        {"prompt": "our old hanok", "seed": 13, "steps": STEPS, "guidance": 5.0, "lora_scale": 0.4},
+        {"prompt": "a quiet morning by the sea", "seed": 14, "steps": STEPS, "guidance": 5.0},
+        {"prompt": "김장하는 할머니들", "seed": 11, "steps": STEPS, "guidance": 5.0, "lora_scale": 1.5},
+    ]
+    batches = []
+    diffuse = gen._diffuse
+    monkeypatch.setattr(gen, "_diffuse", lambda key, jobs: batches.append(len(jobs)) or diffuse(key, jobs))
+    mixed = gen.generate_batch(reqs)
+    assert batches == [5]  # three adapters, the base model and two scales of one adapter: one diffusion batch
+    assert [r.metadata["adapter"] for r in mixed] == ["gimjang", "yakgwa", "hanok", None, "gimjang"]
+    for req, result in zip(reqs, mixed):
+        alone = gen.generate(req)
+        assert _same(result.images[0], alone.images[0]), req
+    assert _differ(mixed[0].images[0], mixed[4].images[0]) > 1.0  # each request's own LoRA scale is honoured
+
+
+def test_different_adapters_give_different_images(gen):
+    base = {"prompt": "a family in autumn", "seed": 3, "steps": STEPS}
+    images = {slug: gen.generate({**base, "keyword": slug}).images[0] for slug in SLUGS}
+    plain = gen.generate({**base, "keyword": "gimjang", "use_lora": False})
+    assert plain.metadata["adapter"] is None and plain.metadata["keyword"] == "gimjang"
+    assert _differ(images["gimjang"], images["yakgwa"]) > 2.0
+    assert _differ(images["gimjang"], images["hanok"]) > 2.0
+    assert _differ(images["gimjang"], plain.images[0]) > 2.0  # same prompt and seed: only the LoRA differs
+
+
+def test_batches_split_only_on_incompatible_parameters(gen, monkeypatch):
+    batches = []
+    diffuse = gen._diffuse
+    monkeypatch.setattr(gen, "_diffuse", lambda key, jobs: batches.append((key, len(jobs))) or diffuse(key, jobs))
+    monkeypatch.setattr(gen, "cfg", gen.cfg.model_copy(update={"max_batch_size": 2}))
+    reqs = [{"prompt": p, "seed": 1, "steps": STEPS} for p in ("김장", "약과", "한옥")]
+    reqs.append({"prompt": "김장", "seed": 1, "steps": STEPS + 1, "num_images": 2})
+    results = gen.generate_batch(reqs)
+    assert [n for _, n in batches] == [2, 1, 2]  # max_batch_size 2; other steps in its own batch
+    assert len(results[3].images) == 2 and not _same(results[3].images[0], results[3].images[1])
+
+
+def test_bad_input_names_field_and_choices(gen):
+    with pytest.raises(ConfigError, match=r"keyword: unknown keyword 'bulgogi'; allowed: .*gimjang.*yakgwa"):
+        gen.validate({"prompt": "x", "keyword": "bulgogi"})
+    with pytest.raises(ConfigError, match=r"width: 65 is not a multiple of 8; allowed: multiples of 8 from 32 to 256"):
+        gen.validate({"prompt": "x", "width": 65})
+    with pytest.raises(ConfigError, match=r"height: 512 is out of bounds; allowed: .* to 256"):
+        gen.validate({"prompt": "x", "height": 512})
+    with pytest.raises(ConfigError, match=r"prompt: empty; allowed: 1 to 1000 characters"):
+        gen.validate({"prompt": "   "})
+    for field, value, bound in [("steps", 0, "1"), ("steps", 80, "50"), ("guidance", 30.0, "20"),
+                                ("lora_scale", 3.0, "2"), ("num_images", 5, "4")]:
+        with pytest.raises(ConfigError, match=rf"^{field}: .*{bound}.*\(got {value}\)"):
+            gen.validate({"prompt": "x", field: value})
+    with pytest.raises(ConfigError, match=r"colour: unknown field; allowed: prompt, keyword"):
+        gen.validate({"prompt": "x", "colour": "red"})
+
+
+def test_long_prompt_truncated_with_warning(gen, caplog):
+    prompt = "김장하는 할머니들 " * 200
+    with caplog.at_level(logging.WARNING, logger="tipsen.generate"):
+        assert len(gen.validate({"prompt": prompt}).prompt) == 1000
+    assert any("truncated" in r.getMessage() for r in caplog.records)
+    result = gen.generate({"prompt": prompt, "seed": 0, "steps": STEPS})
+    assert result.metadata["keyword"] == "gimjang"
+    assert any("truncated from 1799 to 1000" in w for w in result.metadata["warnings"])
+
+
+def test_corrupt_adapter_unavailable_others_serve(demo_params, lora_root, registry, tmp_path):
+    from tipsen.generate import Generator
+
+    root = _copy_bank(lora_root, tmp_path, registry)
+    weights = root / "loras" / "yakgwa" / "pytorch_lora_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-16:] = bytes(b ^ 0xFF for b in data[-16:])  # flipped after the bank was built
+    weights.write_bytes(bytes(data))
+    gen = Generator(demo_params, bank=root / "bank.json", registry=registry)
+    adapters = gen.status()["adapters"]
+    assert adapters["yakgwa"] == {"available": False, "reason": "checksum mismatch", "keyword": "Yakgwa",
+                                  "ko": registry["yakgwa"].ko, "class_token": registry["yakgwa"].class_token}
+    assert adapters["gimjang"]["available"] and adapters["hanok"]["available"]
+    bad, good = gen.generate_batch([{"prompt": "약과", "seed": 1, "steps": STEPS},
+                                    {"prompt": "김장", "seed": 1, "steps": STEPS}])
+    assert bad.metadata["keyword"] == "yakgwa" and bad.metadata["adapter"] is None
+    assert any("checksum mismatch" in w for w in bad.metadata["warnings"])
+    assert good.metadata["adapter"] == "gimjang"
+
+
+def test_pickle_is_never_loaded(demo_params, lora_root, registry, tmp_path, monkeypatch):
+    import torch
+
+    from tipsen.generate import Generator
+    from tipsen.io import sha256_file, write_json_atomic
+
+    root = _copy_bank(lora_root, tmp_path, registry)
+    for slug in ("gimjang", "hanok"):  # a pickle beside a missing safetensors file
+        weights = root / "loras" / slug / "pytorch_lora_weights.safetensors"
+        from safetensors.torch import load_file
+
+        torch.save(load_file(weights), weights.with_suffix(".bin"))  # a real, loadable pickle of the same weights
+        weights.unlink()
+    index = json.loads((root / "bank.json").read_text())
+    hanok = next(e for e in index["adapters"] if e["slug"] == "hanok")
+    hanok["path"] = hanok["path"].replace(".safetensors", ".bin")  # an index pointing at the pickle itself
+    hanok["sha256"] = sha256_file(root / hanok["path"])
+    write_json_atomic(root / "bank.json", index)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr(torch, "load", refuse)  # a guard: any pickle load would fail the adapter differently
+    status = Generator(demo_params, bank=root / "bank.json", registry=registry).status()["adapters"]
+    assert status["gimjang"] == {**status["gimjang"], "available": False,
+                                 "reason": "file missing: pytorch_lora_weights.safetensors"}
+    assert status["hanok"]["reason"] == "not a safetensors file: pytorch_lora_weights.bin"
+    assert status["yakgwa"]["available"]
+
+
+def test_missing_bank_serves_base_model(demo_params, registry, tmp_path):
+    from tipsen.generate import Generator
+
+    gen = Generator(demo_params, bank=tmp_path / "nope" / "bank.json", registry=registry)
+    status = gen.status()
+    assert status["adapters"] == {} and "not found" in status["bank"]["error"]
+    result = gen.generate({"prompt": "김장", "seed": 0, "steps": STEPS})
+    assert result.metadata["keyword"] == "gimjang" and result.metadata["adapter"] is None
+    assert any("not found" in w for w in result.metadata["warnings"])
+
+
+def test_fused_lora_matches_unfused_and_unfuses_on_switch(demo_params, lora_root, registry, gen):
+    from tipsen.generate import Generator
+
+    params = demo_params.model_copy(update={"generate": demo_params.generate.model_copy(update={"fuse_lora": True})})
+    fused = Generator(params, bank=lora_root / "bank.json", registry=registry)
+    g = {"prompt": "김장", "seed": 5, "steps": STEPS}
+    y = {"prompt": "약과", "seed": 6, "steps": STEPS, "lora_scale": 1.2}
+    first = fused.generate(g)
+    assert fused.status()["fused"] == "gimjang"
+    assert _same(first.images[0], gen.generate(g).images[0])
+    assert _same(fused.generate(y).images[0], gen.generate(y).images[0])
+    assert fused.status()["fused"] == "yakgwa"
+    mixed = fused.generate_batch([g, y, {"prompt": "sea", "seed": 1, "steps": STEPS}])  # unfuses: mixed path
+    assert fused.status()["fused"] is None
+    assert _same(mixed[0].images[0], first.images[0]) and _same(mixed[1].images[0], gen.generate(y).images[0])
+
+
+def test_assistant_prompt_is_used(demo_params, gen, monkeypatch):
+    from pydantic import BaseModel
+
+    # A stand-in for tipsen.assistant (built separately); only its refine() contract matters here.
+    class Refined(BaseModel):
+        prompt: str
+        backend: str = "stub"
+
+    calls = []
+
+    class Stub:
+        def refine(self, prompt, keyword=None, seed=None):
+            calls.append((prompt, keyword, seed))
+            return Refined(prompt="A photo of Gimjang Tradition, grandmothers salting cabbages")
+
+    monkeypatch.setattr(gen, "assistant", Stub())
+    result = gen.generate({"prompt": "김장하는 할머니들", "seed": 4, "steps": STEPS, "assist": True})
+    assert calls == [("김장하는 할머니들", "gimjang", 4)]
+    assert result.metadata["prompt"] == "A photo of Gimjang Tradition, grandmothers salting cabbages"
+    assert result.metadata["refined"] == {"prompt": result.metadata["prompt"], "backend": "stub"}
+
+
+def test_cli_writes_png_and_prints_json(root, lora_root, tmp_path, capsys):
+    from PIL import Image
+
+    from tipsen.cli import main
+
+    out = tmp_path / "out.png"
+    code = main(["generate", "김장하는 할머니들", "--params", str(root / "params.yaml"), "--profile", "demo",
+                 "--out", str(out), "--seed", "9", "--steps", str(STEPS), "--bank", str(lora_root / "bank.json")])
+    stdout = capsys.readouterr().out
+    assert code == 0 and "김장하는 할머니들" in stdout  # ensure_ascii=False
+    meta = json.loads(stdout)
+    assert meta["keyword"] == "gimjang" and meta["seed"] == 9 and meta["files"] == [str(out)]
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (64, 64)
+        assert json.loads(image.text["tipsen"])["seed"] == 9
+    code = main(["generate", "x", "--params", str(root / "params.yaml"), "--profile", "demo", "--out", str(out),
+                 "--steps", "99", "--bank", str(lora_root / "bank.json")])
+    assert code == 2 and "steps:" in capsys.readouterr().err
+
+
+def test_sd1_base_generates_through_the_same_generator(demo_params, lora_root, registry):
+    from tipsen.generate import Generator
+
+    gen = Generator(demo_params, base="tiny:sd", bank=lora_root / "bank.json", registry=registry)
+    status = gen.status()
+    assert status["pipeline"] == "StableDiffusionPipeline"
+    assert all(not a["available"] and a["reason"].startswith("load failed") for a in status["adapters"].values())
+    a = gen.generate({"prompt": "김장", "seed": 2, "steps": STEPS})
+    b = gen.generate({"prompt": "김장", "seed": 2, "steps": STEPS})
+    assert a.images[0].size == (64, 64) and a.metadata["model"] == "tiny:sd" and a.metadata["adapter"] is None
+    assert np.array_equal(_pixels(a.images[0]), _pixels(b.images[0]))

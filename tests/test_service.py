@@ -1,0 +1,444 @@
+"""The BentoML service, over HTTP, against real servers on 127.0.0.1 running the tiny models.
+
+Two servers start once for this module, concurrently: `main` (auth on, a bank of four random adapters plus one
+corrupt one) serves most tests; `small` (auth off, a 2 s timeout, a queue of 2) shows the timeout/overload guard.
+Both run `tipsen serve`, i.e. `bentoml serve service.service:Tipsen`, exactly as a user would.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+import yaml
+from hypothesis import HealthCheck, settings
+from PIL import Image
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
+                                               response_schema_conformance, status_code_conformance)
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = f"tk-{secrets.token_hex(12)}"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SLUGS = ["gimjang", "yakgwa", "songpyeon", "kimbap"]
+CORRUPT = "hanbok"
+SIZE = 64
+TEST_PARAMS = {  # the demo profile, made small: 64 px, few default steps, sizes 32-64, template assistant
+    "generate": {"steps": 4, "width": SIZE, "height": SIZE, "min_size": 32, "max_size": SIZE},
+    "assistant": {"backend": "template"},
+    "service": {"max_batch_size": 8, "max_latency_ms": 60000, "timeout_s": 120, "max_queue": 20,
+                "max_concurrency": 48},
+}
+
+
+# ---------------------------------------------------------------- helpers (also used by test_web.py)
+
+
+def make_bank(out: Path, slugs: list[str], *, corrupt: str | None = None) -> Path:
+    """Random rank-4 LoRA adapters in the trainer's format, indexed with build_bank; `corrupt` gets a flipped byte."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from tipsen.bank import WEIGHTS_NAME, build_bank
+    from tipsen.models import load_pipeline
+    from tipsen.registry import Registry
+
+    pipe = load_pipeline("tiny:sdxl", device="cpu")
+    names = slugs + ([corrupt] if corrupt else [])
+    for i, slug in enumerate(names):
+        torch.manual_seed(100 + i)
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                              adapter_name=slug)
+        with torch.no_grad():  # lora_B starts at zero; a random one makes each adapter change the image
+            for name, p in pipe.unet.named_parameters():
+                if f"lora_B.{slug}." in name:
+                    p.normal_(0.0, 0.5)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name=slug))
+        StableDiffusionXLPipeline.save_lora_weights(
+            str(out / "loras" / slug), unet_lora_layers=layers, safe_serialization=True,
+            unet_lora_adapter_metadata=pipe.unet.peft_config[slug].to_dict())
+        pipe.unet.delete_adapters(slug)
+    build_bank(out / "loras", out / "bank.json", keywords=names, registry=Registry.load(), base_model="tiny:sdxl")
+    if corrupt:  # the file stays in place, its bytes no longer match the index
+        weights = out / "loras" / corrupt / WEIGHTS_NAME
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    return out / "bank.json"
+
+
+def write_params(path: Path, sections: dict) -> Path:
+    """The repository's params.yaml with `sections` merged into profiles.demo."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    demo = raw["profiles"]["demo"]
+    for name, values in sections.items():
+        demo[name] = {**(demo.get(name) or {}), **values}
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`tipsen serve` in a subprocess; its output goes to a log file that tests read."""
+
+    def __init__(self, tmp: Path, *, params: Path, bank: Path, key: str | None = None, extra_env: dict | None = None):
+        self.port, self.log = free_port(), tmp / "server.log"
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k != "TIPSEN_API_KEY"}
+        env.update({"TIPSEN_API_KEY": key} if key else {})
+        env.update(extra_env or {})
+        self._out = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tipsen.cli", "serve", "--params", str(params), "--profile", "demo",
+             "--bank", str(bank), "--port", str(self.port)],
+            cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.readiness: list[int | None] = []  # /readyz answers from the moment the process started
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
+            try:
+                status = httpx.get(f"{self.url}/readyz", timeout=5).status_code
+            except httpx.HTTPError:
+                status = None  # not listening yet
+            self.readiness.append(status)
+            if status == 200:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.logs()[-4000:]}")
+
+    def logs(self) -> str:
+        self._out.flush()
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)  # the server's own process group: bentoml and its workers
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        self._out.close()
+
+
+def png(data: bytes) -> Image.Image:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory) -> Path:
+    return make_bank(tmp_path_factory.mktemp("bank"), SLUGS, corrupt=CORRUPT)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, bank):
+    main_dir, small_dir = tmp_path_factory.mktemp("main"), tmp_path_factory.mktemp("small")
+    small_params = {**TEST_PARAMS, "service": {"timeout_s": 2, "max_queue": 2, "max_concurrency": 8,
+                                               "max_batch_size": 2, "max_latency_ms": 60000}}
+    main = Server(main_dir, params=write_params(main_dir / "params.yaml", TEST_PARAMS), bank=bank, key=KEY)
+    small = Server(small_dir, params=write_params(small_dir / "params.yaml", small_params), bank=bank)
+    try:
+        main.wait_ready()  # polls /readyz from the start: the readiness test reads main.readiness
+        small.wait_ready()
+        yield main, small
+    finally:
+        main.stop()
+        small.stop()
+
+
+@pytest.fixture(scope="module")
+def main(servers) -> Server:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def small(servers) -> Server:
+    return servers[1]
+
+
+def post(server: Server, path: str, body, *, headers=AUTH, timeout: float = 120) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=timeout)
+
+
+# ---------------------------------------------------------------- readiness, health, auth
+
+
+def test_readyz_is_503_until_models_and_bank_are_loaded(main):
+    answers = [s for s in main.readiness if s is not None]
+    assert answers[-1] == 200
+    assert 503 in answers[:-1], f"never saw a not-ready answer: {main.readiness}"
+    assert set(answers) <= {503, 200}
+    assert "Service is not ready" not in httpx.get(f"{main.url}/readyz").text
+
+
+def test_health_is_open_and_everything_else_needs_the_key(main):
+    for path in ("/livez", "/readyz", "/"):
+        assert httpx.get(f"{main.url}{path}").status_code == 200, path  # the page asks for the key itself
+    for method, path in [("GET", "/keywords"), ("GET", "/route?text=a"), ("GET", "/docs.json"),
+                         ("POST", "/generate"), ("POST", "/refine"), ("POST", "/generate_png")]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = httpx.request(method, f"{main.url}{path}", headers=headers, json={"prompt": "김장"})
+            assert r.status_code == 401, (path, headers)
+            assert r.json()["error"].startswith("authorization:")
+            assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{main.url}/keywords", headers=AUTH).status_code == 200
+
+
+def test_auth_off_when_no_key_is_set(small):
+    r = httpx.get(f"{small.url}/keywords")
+    assert r.status_code == 200
+    r = post(small, "/generate", {"prompt": "약과", "steps": 1}, headers={})
+    assert r.status_code == 200, r.text
+
+
+def test_private_batch_route_is_hidden(main):
+    r = post(main, "/generate_batch", {"requests": [{"prompt": "x"}]})
+    assert r.status_code == 404
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def test_keywords_lists_the_bank_and_the_corrupt_adapter(main):
+    body = httpx.get(f"{main.url}/keywords", headers=AUTH).json()
+    rows = {k["slug"]: k for k in body["keywords"]}
+    assert set(rows) == {*SLUGS, CORRUPT}
+    assert body["base_model"] == "tiny:sdxl"
+    assert rows["gimjang"]["ko"] == "김장" and rows["gimjang"]["keyword"] == "Gimjang"
+    assert all(rows[s]["available"] and rows[s]["reason"] is None for s in SLUGS)
+    assert rows[CORRUPT]["available"] is False
+    assert "checksum" in rows[CORRUPT]["reason"]
+
+
+def test_route(main):
+    r = httpx.get(f"{main.url}/route", params={"text": "김장하는 날"}, headers=AUTH).json()
+    assert (r["slug"], r["ko"], r["keyword"], r["available"]) == ("gimjang", "김장", "Gimjang", True)
+    assert httpx.get(f"{main.url}/route", params={"text": "바다"}, headers=AUTH).json()["slug"] is None
+
+
+def test_generate_returns_pngs_prompt_keyword_seed_and_timings(main):
+    r = post(main, "/generate", {"prompt": "김장하는 날", "seed": 7, "steps": 2, "num_images": 2, "width": 48})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["images"]) == 2
+    for b64 in out["images"]:
+        assert png(base64.b64decode(b64)).size == (48, SIZE)
+    assert (out["keyword"], out["seed"], out["steps"], out["width"], out["height"]) == ("gimjang", 7, 2, 48, SIZE)
+    assert out["original"] == "김장하는 날"
+    assert out["assistant_backend"] == "template"
+    assert out["prompt"].startswith("A realistic photo of") and "Gimjang Tradition" in out["prompt"]
+    assert out["timings"] and all(v >= 0 for v in out["timings"].values())
+
+    plain = post(main, "/generate", {"prompt": "A photo of Gimjang Tradition", "assist": False, "steps": 1}).json()
+    assert plain["assistant_backend"] is None and plain["prompt"] == "A photo of Gimjang Tradition"
+    assert isinstance(plain["seed"], int)  # a random seed, reported
+
+
+def test_generate_png_same_seed_same_bytes(main):
+    body = {"prompt": "송편 빚는 추석", "seed": 42, "steps": 2}
+    first = post(main, "/generate_png", body)  # sequential: each request is alone in its batch
+    second = post(main, "/generate_png", body)
+    other = post(main, "/generate_png", {**body, "seed": 43})
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert first.headers["x-tipsen-seed"] == "42" and first.headers["x-tipsen-keyword"] == "songpyeon"
+    assert png(first.content).size == (SIZE, SIZE)
+    assert first.content == second.content
+    assert first.content != other.content
+
+
+def test_refine(main):
+    r = post(main, "/refine", {"prompt": "김장하는 날", "seed": 3})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["keyword"], out["backend"], out["seed"], out["original"]) == ("gimjang", "template", 3, "김장하는 날")
+    assert out["prompt"].startswith("A realistic photo of Gimjang Tradition")
+    assert post(main, "/refine", {"prompt": "김장하는 날", "seed": 3}).json()["prompt"] == out["prompt"]
+
+
+# ---------------------------------------------------------------- bounds and limits
+
+MISSING = object()
+VIOLATIONS = [
+    ("prompt", {"prompt": ""}), ("prompt", {"prompt": "   "}), ("prompt", {"prompt": "가" * 1001}),
+    ("prompt", {"prompt": MISSING}), ("prompt", {"prompt": 5}),
+    ("keyword", {"keyword": "nope"}), ("keyword", {"keyword": "../models/x"}), ("keyword", {"keyword": CORRUPT}),
+    ("steps", {"steps": 0}), ("steps", {"steps": 51}), ("steps", {"steps": "many"}),
+    ("guidance", {"guidance": -0.5}), ("guidance", {"guidance": 20.5}),
+    ("lora_scale", {"lora_scale": -0.1}), ("lora_scale", {"lora_scale": 2.5}),
+    ("width", {"width": 60}), ("width", {"width": 16}), ("width", {"width": SIZE + 8}),
+    ("height", {"height": 36}), ("height", {"height": 1024}),
+    ("num_images", {"num_images": 0}), ("num_images", {"num_images": 5}),
+    ("seed", {"seed": -1}), ("seed", {"seed": 2**32}), ("assist", {"assist": "maybe"}),
+    ("steps_typo", {"steps_typo": 3}),
+]
+
+
+@pytest.mark.parametrize("field,change", VIOLATIONS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(VIOLATIONS)])
+def test_every_bound_violated_is_a_4xx_naming_the_field(main, field, change):
+    body = {k: v for k, v in {"prompt": "김장하는 날", "steps": 1, **change}.items() if v is not MISSING}
+    for path in ("/generate", "/generate_png"):  # /generate_png has no num_images: also a 4xx naming it
+        r = post(main, path, body)
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error.startswith(field) or f"{field}:" in error, error
+    if field == "keyword" and change["keyword"] == "nope":
+        assert "allowed:" in error and "gimjang" in error  # the choices are listed
+
+
+def test_malformed_bodies_are_4xx(main):
+    for raw, ctype in [(b"not json", "application/json"), (b"[1, 2]", "application/json"), (b"", "application/json"),
+                       (b"null", "application/json"), (b"--x\r\n", "multipart/form-data; boundary=x"),
+                       (b"\x80\x81", "application/octet-stream")]:
+        r = httpx.post(f"{main.url}/generate", content=raw, headers={**AUTH, "Content-Type": ctype})
+        assert 400 <= r.status_code < 500, (raw, ctype, r.status_code, r.text)
+        assert isinstance(r.json()["error"], str)
+    r = post(main, "/refine", {"prompt": "김장", "keyword": "nope"})
+    assert r.status_code == 400 and r.json()["error"].startswith("keyword")
+
+
+def test_oversize_body_is_413(main):
+    body = json.dumps({"prompt": "가" * 40_000}).encode()  # 120 KB, over the 64 KiB cap
+    r = httpx.post(f"{main.url}/generate", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"].startswith("body:")
+
+    def chunks():  # no Content-Length: the cap is enforced while reading
+        for i in range(0, len(body), 8192):
+            yield body[i:i + 8192]
+
+    r = httpx.post(f"{main.url}/generate", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_16_concurrent_mixed_keywords_are_batched(main):
+    keywords = [SLUGS[i % 4] if i % 5 else None for i in range(16)]
+    results: dict[int, httpx.Response] = {}
+    start = threading.Barrier(16)
+
+    def call(i):
+        start.wait()
+        body = {"prompt": f"추억 {i}", "keyword": keywords[i], "seed": i, "steps": 2}
+        results[i] = post(main, "/generate", body)
+
+    before = main.logs().count("batch size")
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {r.status_code for r in results.values()} == {200}, [r.text for r in results.values()]
+    for i, r in results.items():
+        assert r.json()["keyword"] == keywords[i] and r.json()["seed"] == i
+    lines = [line for line in main.logs().splitlines() if "batch size" in line][before:]
+    sizes = [int(line.split("batch size ")[1].split(":")[0]) for line in lines]
+    assert sum(sizes) == 16 and max(sizes) > 1, sizes
+
+
+def test_overload_is_429_and_slots_are_freed(main):
+    n, statuses = 28, Counter()  # max_queue is 20
+    start = threading.Barrier(n)
+
+    def call(i):
+        start.wait()
+        r = post(main, "/generate", {"prompt": "한복", "keyword": SLUGS[i % 4], "steps": 3})
+        statuses[r.status_code] += 1
+        if r.status_code == 429:
+            assert r.json()["error"].startswith("busy:") and r.headers["retry-after"]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(statuses) == {200, 429} and statuses[429] >= n - 20, statuses
+    assert post(main, "/generate", {"prompt": "한복", "steps": 1}).status_code == 200  # nothing leaked
+
+
+def test_timed_out_work_keeps_its_slot(small):
+    """timeout_s is 2 and max_queue 2: a slow request gets 504, but its work holds a slot until it ends."""
+    slow = post(small, "/generate", {"prompt": "윷놀이", "steps": 50, "num_images": 4}, headers={})
+    assert slow.status_code == 504 and "error" in slow.json()
+    # The slow work is still running: one more request fits (and times out behind it), the next is refused.
+    queued = threading.Thread(target=post, args=(small, "/generate", {"prompt": "약과", "steps": 1}), kwargs={"headers": {}})
+    queued.start()
+    time.sleep(0.5)
+    refused = post(small, "/generate", {"prompt": "약과", "steps": 1}, headers={})
+    queued.join()
+    assert refused.status_code == 429, refused.text
+    deadline = time.monotonic() + 180
+    while (r := post(small, "/generate", {"prompt": "약과", "steps": 1}, headers={})).status_code != 200:
+        assert r.status_code in (429, 504) and time.monotonic() < deadline, r.text
+        time.sleep(1)
+
+
+# ---------------------------------------------------------------- schema fuzz, logs, build
+
+@pytest.fixture(scope="module")
+def openapi(main):
+    return schemathesis.openapi.from_url(f"{main.url}/docs.json", headers=AUTH)
+
+
+fuzz = schemathesis.pytest.from_fixture("openapi")
+
+
+@fuzz.parametrize()
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+def test_schema_fuzz(case):
+    """Generated requests (valid and invalid) against the served OpenAPI document: no 5xx, nothing undocumented."""
+    case.call_and_validate(headers=AUTH, timeout=120, checks=[
+        not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+        negative_data_rejection])
+
+
+def test_key_never_logged(main, small):
+    logs = main.logs()
+    assert "GET /keywords" in logs or "path=/keywords" in logs  # the log does record requests
+    assert KEY not in logs
+
+
+def test_bentoml_build(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    r = subprocess.run([sys.executable, "-m", "bentoml", "build", str(ROOT), "--output", "tag"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    bentos = list((tmp_path / "bentoml" / "bentos" / "tipsen").glob("*/src"))
+    assert len(bentos) == 1
+    src = bentos[0]
+    for need in ("service/service.py", "service/middleware.py", "service/static/index.html", "tipsen/generate.py",
+                 "params.yaml", "data/keywords.yaml"):
+        assert (src / need).is_file(), need
+    assert not (src / "tests").exists() and not (src / "data" / "raw").exists()
+    bento = yaml.safe_load((src.parent / "bento.yaml").read_text())
+    assert bento["service"] == "service.service:Tipsen" and bento["name"] == "tipsen"
+    assert r.stdout.strip().endswith(f"tipsen:{src.parent.name}")
+    shutil.rmtree(tmp_path / "bentoml", ignore_errors=True)

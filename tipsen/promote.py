@@ -1,0 +1,209 @@
+"""Scheduled retraining, minus the scheduler: what changed since the last run, whether an adapter is current,
+the promotion gate, the atomic bank swap, and recording the result in dvc.lock.
+
+Every function here is plain Python over files; `flows/` only orchestrates them. The state of the last run
+lives in `models/.retrain_state.json`; every gate decision is appended to `promotions.jsonl` beside the bank.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tipsen import train_data as td
+from tipsen.bank import WEIGHTS_NAME, Bank, adapter_metadata, build_bank
+from tipsen.config import ConfigError, Params
+from tipsen.io import publish_dir, sha256_file, sha256_json, write_json_atomic
+from tipsen.registry import Registry
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = Path("models/.retrain_state.json")
+HISTORY_NAME = "promotions.jsonl"
+
+
+# ---------------------------------------------------------------- what changed
+
+
+def raw_digests(raw: Path, registry: Registry) -> dict[str, str]:
+    """One digest per keyword over its items.jsonl records and image bytes: an added, edited or removed item
+    changes it. Lines curation would reject (bad JSON, unknown keyword) are curation's business and ignored."""
+    raw, rows = Path(raw), {}
+    for line in (raw / "items.jsonl").read_bytes().splitlines():
+        try:
+            item = json.loads(line)
+            kw = registry.resolve(item["keyword"]) if isinstance(item.get("keyword"), str) else None
+        except (ValueError, TypeError):
+            continue
+        if kw is None:
+            continue
+        image = (raw / str(item.get("image", ""))).resolve()
+        inside = image.is_relative_to(raw.resolve()) and image.is_file()  # never hash a file outside the export
+        rows.setdefault(kw.slug, []).append([sha256_json(item), sha256_file(image) if inside else None])
+    return {slug: sha256_json(sorted(r)) for slug, r in sorted(rows.items())}
+
+
+def folder_digest(folder: Path) -> str | None:
+    """Digest of every file's relative name and bytes under `folder`; None when it does not exist."""
+    if not Path(folder).is_dir():
+        return None
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    return sha256_json([[p.relative_to(folder).as_posix(), sha256_file(p)] for p in files])
+
+
+def changed(current: dict[str, str | None], previous: dict[str, str | None]) -> list[str]:
+    """Keys whose digest differs from the previous run's: new, edited or removed."""
+    return sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
+
+
+def load_state(path: Path = STATE_FILE) -> dict:
+    """The last run's digests ({"raw": {...}, "curated": {...}}); empty on the first run."""
+    try:
+        state = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"raw": {}, "curated": {}}
+    except json.JSONDecodeError as exc:  # our own file, so start over (every keyword is checked) rather than stop
+        log.warning("%s is not valid JSON (%s); treating every keyword as changed", path, exc.msg)
+        return {"raw": {}, "curated": {}}
+    return {"raw": state.get("raw", {}), "curated": state.get("curated", {})}
+
+
+def save_state(path: Path, state: dict) -> None:
+    write_json_atomic(path, {**state, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def adapter_status(params: Params, slug: str, data: Path, adapter: Path) -> str | None:
+    """None when the adapter in `adapter` was trained on the keyword's current data with these params (as its
+    safetensors metadata records), else why it is out of date. Missing curated data raises ConfigError."""
+    from tipsen.train import params_hash
+
+    examples = td.load_examples(Path(data), slug, resolution=params.train.resolution,
+                                prompt_source=params.train.prompt_source)
+    weights = Path(adapter) / WEIGHTS_NAME
+    if not weights.is_file():
+        return "no adapter"
+    meta = adapter_metadata(weights)
+    if meta.get("params_hash") != params_hash(params):
+        return "train params or base model changed"
+    if meta.get("dataset_hash") != td.dataset_hash(examples):
+        return "data changed"
+    return None
+
+
+# ---------------------------------------------------------------- the gate
+
+
+@dataclass
+class Decision:
+    slug: str
+    promote: bool
+    candidate: float
+    current: float | None
+    margin: float
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(slug: str, candidate: float, current: float | None, margin: float) -> Decision:
+    """Promote unless the candidate's alignment is worse than the current adapter's by more than `margin`."""
+    if current is None:
+        return Decision(slug, True, candidate, None, margin, "no current adapter")
+    ok = candidate >= current - margin  # False for a NaN score: a broken candidate is never promoted
+    verdict = "within" if ok else "worse than"
+    return Decision(slug, ok, candidate, current, margin, f"alignment {candidate:.4f} vs current {current:.4f}: "
+                    f"{verdict} the margin {margin}")
+
+
+def score_key(bank: Path, curated: Path, slug: str) -> str | None:
+    """What a keyword's score depends on besides params: its adapter's sha256 and its curated folder.
+    None when the bank has no adapter for it (there is then nothing to score)."""
+    try:
+        entry = Bank(bank).entries.get(slug)
+    except ConfigError:
+        return None
+    return sha256_json([entry.sha256, folder_digest(Path(curated) / slug)]) if entry else None
+
+
+def score(params: Params, slug: str, *, bank: Path, curated: Path) -> float:
+    """The keyword's CLIP image alignment with the bank's adapter on its held-out real images (tipsen.evaluate)."""
+    from tipsen.evaluate import keyword_alignment
+
+    return float(keyword_alignment(params, slug, bank=Path(bank), curated=Path(curated)))
+
+
+def promote(decisions: list[Decision], *, candidates: Path, loras: Path, bank: Path, keywords: list[str],
+            registry: Registry, base_model: str, candidate_metrics: Path | None = None,
+            metrics: Path | None = None) -> dict:
+    """Install the promoted candidates (`candidates/<slug>`) under `loras`, then swap the bank index in one
+    os.replace. Refused candidates stay in `candidates`; the live adapters and the bank are untouched for them.
+    Every decision is appended to promotions.jsonl beside the bank."""
+    bank, promoted = Path(bank), [d.slug for d in decisions if d.promote]
+    for slug in promoted:
+        src = Path(candidates) / slug
+        with publish_dir(Path(loras) / slug) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+        shutil.rmtree(src)
+        plot = Path(candidate_metrics or "") / "train" / f"{slug}.csv"
+        if candidate_metrics and metrics and plot.is_file():  # the loss curve travels with its adapter
+            (Path(metrics) / "train").mkdir(parents=True, exist_ok=True)
+            os.replace(plot, Path(metrics) / "train" / f"{slug}.csv")
+    if promoted:
+        # Build the whole index beside the live one, then one rename: a reader sees the old bank or the new.
+        staged = bank.with_name(f".{bank.name}.next")
+        build_bank(Path(loras), staged, keywords=keywords, registry=registry, base_model=base_model)
+        os.replace(staged, bank)
+    with open(bank.parent / HISTORY_NAME, "a", encoding="utf-8") as f:
+        for d in decisions:
+            f.write(json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **d.as_dict()}) + "\n")
+    for d in decisions:
+        log.info("%s %s: %s", "promoted" if d.promote else "kept the current adapter of", d.slug, d.reason)
+    return {"promoted": promoted, "refused": {d.slug: d.reason for d in decisions if not d.promote},
+            "bank": str(bank), "bank_sha256": sha256_file(bank) if bank.is_file() else None}
+
+
+# ---------------------------------------------------------------- lineage
+
+
+def _dvc(root: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def record_lineage(root: Path, outputs: list[Path], *, downstream_of: Path | None = None) -> dict:
+    """Record in dvc.lock the outputs this run wrote (`dvc commit` of the stages owning them), then rerun what is
+    stale downstream of `downstream_of` (`dvc repro --downstream`, e.g. an evaluate stage after the bank)."""
+    from dvc.exceptions import NoOutputOrStageError
+    from dvc.repo import Repo
+
+    def owner(repo, path: Path) -> str | None:
+        try:
+            return repo.stage.collect_granular(str(Path(path).resolve()))[0].stage.addressing
+        except NoOutputOrStageError:
+            return None
+
+    with Repo(str(root)) as repo:  # closed before the subprocesses take the repo lock
+        stages = {str(p): owner(repo, p) for p in outputs}
+        tail = owner(repo, downstream_of) if downstream_of else None
+    untracked = [p for p, s in stages.items() if s is None]
+    committed = sorted({s for s in stages.values() if s})
+    if untracked:
+        log.warning("not DVC outputs, so not recorded: %s", ", ".join(untracked))
+    if committed:
+        _dvc(root, "commit", "--force", "--quiet", *committed)
+    if tail:
+        _dvc(root, "repro", "--downstream", tail)
+    status = json.loads(_dvc(root, "status", "--json") or "{}")
+    if status:
+        log.warning("dvc status is not clean after recording (stale for other reasons): %s", status)
+    return {"committed": committed, "reproduced_downstream_of": tail, "untracked": untracked, "dvc_status": status}

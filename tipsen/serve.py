@@ -1,0 +1,53 @@
+"""`tipsen serve`: run the BentoML service (`service.service:Tipsen`) from the project root.
+
+The service reads its params file, profile and bank from TIPSEN_PARAMS, TIPSEN_PROFILE and TIPSEN_BANK; this
+command checks them first (a mistake is one line, not a server that never gets ready), sets them, and then
+replaces itself with `bentoml serve`, so signals reach the server directly. The bank is read when the server
+starts: after `tipsen bank build` (or `dvc repro`), restart it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from tipsen.bank import Bank
+from tipsen.config import ConfigError, load_params
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE = "service.service:Tipsen"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: all; default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=3000, help="port (default: 3000)")
+    parser.add_argument("--bank", default=None, help="bank index (default: generate.bank from params)")
+
+
+def command(*, params: Path, profile: str | None, bank: Path, host: str, port: int) -> tuple[list[str], dict]:
+    """The `bentoml serve` command line and its environment."""
+    env = {**os.environ, "TIPSEN_PARAMS": str(params.resolve()), "TIPSEN_BANK": str(bank.resolve())}
+    if profile:
+        env["TIPSEN_PROFILE"] = profile
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no usage reports from an offline service
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
+    return cmd, env
+
+
+def run(args) -> int:
+    params = load_params(args.params, profile=args.profile)
+    params.log()
+    if not (ROOT / "service" / "service.py").is_file():
+        raise ConfigError(f"serve: {ROOT / 'service'} not found; run 'tipsen serve' from a source checkout")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port: {args.port} is out of range; allowed: 1 to 65535")
+    bank = Path(args.bank or params.generate.bank)
+    if not bank.is_absolute() and not bank.exists():
+        bank = ROOT / bank  # generate.bank is relative to the project root
+    Bank(bank)  # a missing or unreadable index is a user error, reported now
+    cmd, env = command(params=Path(args.params), profile=args.profile, bank=bank, host=args.host, port=args.port)
+    print(f"tipsen serve: http://{args.host}:{args.port}/ (profile {params.profile}, bank {bank})", file=sys.stderr,
+          flush=True)
+    os.chdir(ROOT)
+    os.execve(cmd[0], cmd, env)  # does not return
+    return 0
