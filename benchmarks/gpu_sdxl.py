@@ -246,6 +246,7 @@ class Bench:
         self.peak = peak
         self.machine = machine_info(self.device, peak, source)
         self.params = {k: v for k, v in vars(args).items() if k != "out"}
+        self.params["budget_s"] = None if math.isinf(args.budget_s) else args.budget_s  # JSON has no Infinity
         self.params.update(dtype=str(self.dtype).removeprefix("torch."), latent=self.latent, cfg_guidance=True,
                            lora_targets=LORA_TARGETS, n_adapters=N_ADAPTERS, published_params=published_params())
 
@@ -506,6 +507,7 @@ class Bench:
             s["image_tflop_cfg"] = image / 1e12
             s["image_tflop_counts"] = ["unet"] + [k for k in ("vae_decode", "text_encode") if k in f]
             s["floor_s_per_image"] = image / 1e12 / self.peak if self.peak else None
+
         def per_image(section: str, b: int) -> float:  # the same batch if measured, else batch 1
             rows = {r["batch"]: r["s_per_image"] for r in self.results.get(section, {}).get("rows", [])}
             return rows.get(b, rows.get(1, 0.0))
@@ -577,7 +579,14 @@ def report(bench: Bench) -> str:
         lines += ["", "mixed batch vs single adapter: " + json.dumps(r["infer"]["mixed_check"])]
     if r.get("compile", {}).get("error"):
         lines += ["compile error: " + r["compile"]["error"]]
-    lines += ["", "summary: " + json.dumps(bench.summary(), default=str)]
+    s = bench.summary()
+    if "unet_forward_tflop" in s:
+        peak = f"{s['floor_s_per_image']:.3g} s at {bench.peak:g} TFLOP/s" if s["floor_s_per_image"] else "no peak"
+        parts = ", ".join(s["image_tflop_counts"])
+        lines += ["", f"UNet forward {s['unet_forward_tflop']:.4g} TFLOP counted (reference "
+                      f"{REF['unet_forward_tflop']}); one image ({bench.args.steps} steps with CFG; {parts}) "
+                      f"{s['image_tflop_cfg']:.4g} TFLOP (reference {REF['image_tflop_28_cfg']:g}); floor {peak}"]
+    lines += ["", "summary: " + json.dumps(s, default=str)]
     return "\n".join(lines)
 
 
@@ -649,14 +658,22 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in a.sections:
         t = time.perf_counter()
+        if bench.left() < 30:  # not worth starting: leave the time to the runner's own limit
+            bench.results[name] = {"skipped": f"budget: {bench.left():.0f} s left"}
+            continue
+        if bench.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(bench.device)
         try:
             getattr(bench, name)()
+            if bench.device.type == "cuda":  # the section's high-water mark, all models held included
+                bench.results[name]["section_peak_gib"] = torch.cuda.max_memory_allocated(bench.device) / 2**30
         except Exception as e:  # one section's failure (say, out of memory) must not cost the others
             traceback.print_exc()
             bench.errors[name] = _one_line(e)
             failed.append(name)
             bench.free()
-        print(f"  {name}: {time.perf_counter() - t:.1f} s ({bench.left():.0f} s of budget left)", flush=True)
+        left = "" if math.isinf(bench.left()) else f" ({bench.left():.0f} s of budget left)"
+        print(f"  {name}: {time.perf_counter() - t:.1f} s{left}", flush=True)
         bench.save()
     bench.save("complete" if not failed else "failed")
     print(report(bench))

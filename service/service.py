@@ -17,7 +17,6 @@ import io
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,7 +41,6 @@ STATIC = Path(__file__).resolve().parent / "static"
 PARAMS = load_params(os.environ.get("TIPSEN_PARAMS") or ROOT / "params.yaml")
 GEN, SVC = PARAMS.generate, PARAMS.service
 BANK = Path(os.environ.get("TIPSEN_BANK") or ROOT / GEN.bank)
-LOAD_DELAY_S = float(os.environ.get("TIPSEN_DEBUG_LOAD_DELAY_S", "0"))  # debug: widen the not-ready window
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=GEN.max_prompt_chars)]
 Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN)]
@@ -102,12 +100,13 @@ class GenerateOutput(Model):
     seed: int
     steps: int
     guidance: float
-    lora_scale: float
+    lora_scale: float | None  # None when no adapter was applied
     width: int
     height: int
     model: str
-    adapter: str | None
+    adapter: str | None  # the LoRA applied; None: the base model alone
     timings: dict[str, float]
+    warnings: list[str]  # e.g. a routed keyword without an adapter, drawn by the base model
 
 
 class KeywordOut(Model):
@@ -196,23 +195,22 @@ class Tipsen:
     def __init__(self) -> None:
         logging.getLogger("tipsen").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
         self.loaded, self.failure = threading.Event(), None
-        self.gpu, self.slots = threading.Lock(), Slots(SVC.max_queue)
+        self.gpu = threading.Lock()  # the pipeline and the assistant's LLM share one device: one job at a time
+        self.slots = Slots(SVC.max_queue)
         self.generator = self.assistant = self.registry = None
         threading.Thread(target=self._load, name="tipsen-load", daemon=True).start()
 
     def _load(self) -> None:
         try:
             from tipsen.assistant import Assistant
-            from tipsen.bank import Bank
             from tipsen.generate import Generator
 
             PARAMS.log()
-            time.sleep(LOAD_DELAY_S)
             self.registry = Registry.load()
             curated = ROOT / "data" / "curated"
             self.assistant = Assistant.from_params(PARAMS, registry=self.registry,
                                                    curated=curated if curated.is_dir() else None)
-            self.generator = Generator(PARAMS, bank=Bank(BANK), assistant=self.assistant, registry=self.registry)
+            self.generator = Generator(PARAMS, bank=BANK, assistant=self.assistant, registry=self.registry)
             log.info("ready: %s", self.generator.status())
             self.loaded.set()
         except ConfigError as exc:
@@ -250,8 +248,8 @@ class Tipsen:
         if (unavailable := self._unavailable()) is not None:
             return unavailable
         try:
-            req = GenerationRequest(**inp.model_dump())
-            self.generator.validate(req)
+            self._check_keyword(inp.keyword)
+            req = self.generator.validate(GenerationRequest(**inp.model_dump()))
         except ConfigError as exc:
             return error(400, str(exc))
         if not self.slots.acquire():
@@ -267,6 +265,15 @@ class Tipsen:
             if exc.error_code in (429, 503):  # shed by the dispatcher or the concurrency limit
                 return error(503, "busy: the batch queue is full; retry in a few seconds")
             raise
+
+    def _check_keyword(self, slug: str | None) -> None:
+        """An explicit keyword must be a usable bank slug (a routed one may fall back to the base model)."""
+        adapters = self.generator.status()["adapters"]
+        if slug is None or (slug in adapters and adapters[slug]["available"]):
+            return
+        allowed = ", ".join(s for s, a in adapters.items() if a["available"]) or "none (the bank is empty)"
+        why = f"is unavailable ({adapters[slug]['reason']})" if slug in adapters else "is not in the bank"
+        raise ConfigError(f"keyword: {slug!r} {why}; allowed: {allowed}")
 
     def _settle(self, call: asyncio.Future) -> None:
         """Free the slot of a request that never reached the batch API (that API frees the others)."""
@@ -325,8 +332,10 @@ class Tipsen:
         if (unavailable := self._unavailable()) is not None:
             return unavailable
         status = self.generator.status()
+        known = self.registry.keywords
         rows = [KeywordOut(slug=slug, keyword=a["keyword"], ko=a["ko"], class_token=a["class_token"],
-                           category=self.registry[slug].category, available=a["available"], reason=a.get("reason"))
+                           category=known[slug].category if slug in known else "unknown", available=a["available"],
+                           reason=a.get("reason"))
                 for slug, a in status["adapters"].items()]
         return KeywordsOut(base_model=status["base_model"], device=status["device"], keywords=rows)
 
@@ -335,10 +344,10 @@ class Tipsen:
         """The keyword a prompt would be drawn with (the web page's live hint)."""
         if (unavailable := self._unavailable()) is not None:
             return unavailable
-        slug = self.generator.route(text).slug
-        adapter = self.generator.status()["adapters"].get(slug) if slug else None
-        kw = self.registry[slug] if slug else None
-        return RouteOut(slug=slug, keyword=kw and kw.keyword, ko=kw and kw.ko, matched=None,
+        route = self.generator.route(text)
+        adapter = self.generator.status()["adapters"].get(route.slug) if route.slug else None
+        kw = self.registry[route.slug] if route.slug else None
+        return RouteOut(slug=route.slug, keyword=kw and kw.keyword, ko=kw and kw.ko, matched=route.matched,
                         available=bool(adapter and adapter["available"]))
 
 

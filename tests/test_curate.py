@@ -474,8 +474,9 @@ def test_cli_user_errors_are_one_line(case, tmp_path, small):
     r = _cli("--raw", str(raw), "--out", str(out), *extra, cwd=tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert lines[0].startswith("tipsen curate: error: ") and {"missing": "no items.jsonl", "empty": "has no items",
-                                                             "inside": "must be outside", "flag": "--per-keyword"}[case] in lines[0]
+    expected = {"missing": "no items.jsonl", "empty": "has no items", "inside": "must be outside",
+                "flag": "--per-keyword"}[case]
+    assert lines[0].startswith("tipsen curate: error: ") and expected in lines[0]
     assert not out.exists()
 
 

@@ -89,3 +89,324 @@ def test_paired_comparison():
     assert same["mean_diff"] == 0 and same["wins"] == 0 and not same["significant"]
     with pytest.raises(ValueError):
         metrics.paired(base, base[:3], samples=10, seed=0)
+
+
+# ---------------------------------------------------------------- protocol pieces
+
+
+def test_seeds_are_deterministic_and_shared_by_methods():
+    from tipsen.evaluate import derive_seed
+
+    seeds = [derive_seed(0, "gimjang", i) for i in range(50)]
+    assert seeds == [derive_seed(0, "gimjang", i) for i in range(50)] and len(set(seeds)) == 50
+    assert seeds != [derive_seed(0, "yakgwa", i) for i in range(50)]
+    assert seeds != [derive_seed(1, "gimjang", i) for i in range(50)]
+    assert all(0 <= s < 2**31 for s in seeds)
+
+
+def test_real_images_prefer_heldout_and_fall_back_to_all(tmp_path, caplog):
+    import json
+
+    from PIL import Image
+
+    from tipsen.evaluate import real_images
+
+    folder = tmp_path / "gimjang"
+    folder.mkdir()
+    rows = []
+    for i in range(5):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i:03d}.png")
+        rows.append({"file_name": f"{i:03d}.png", "slug": "gimjang", "split": "heldout" if i in (1, 3) else "train"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files, source = real_images(tmp_path, "gimjang", 2)
+    assert source == "heldout" and [f.name for f in files] == ["001.png", "003.png"]
+    with caplog.at_level("INFO", logger="tipsen.evaluate"):
+        files, source = real_images(tmp_path, "gimjang", 4)
+    assert source == "all" and len(files) == 4 and "using all 5 kept images" in caplog.text
+    assert real_images(tmp_path, "yakgwa", 4) == ([], "missing")
+
+
+def test_comparison_pairs_cover_lora_vs_base_and_assistant_vs_lora():
+    from tipsen.config import EvalMethod
+    from tipsen.evaluate import comparison_pairs
+
+    specs = [EvalMethod(name="SD", base="sd"), EvalMethod(name="SDXL", base="xl"),
+             EvalMethod(name="+LoRA", base="xl", lora=True), EvalMethod(name="+asst", base="xl", lora=True, assist=True)]
+    pairs = comparison_pairs(specs)
+    assert pairs[:3] == [(1, 0), (2, 0), (3, 0)]  # every method vs the first
+    assert (2, 1) in pairs and (3, 2) in pairs and len(pairs) == 5
+
+
+# ---------------------------------------------------------------- end to end on tiny models
+
+KEYWORDS = ["gimjang", "yakgwa"]
+STEPS = 2
+
+
+def _method(name, base="tiny:sdxl", **kw):
+    from tipsen.config import EvalMethod
+
+    return EvalMethod(name=name, base=base, steps=STEPS, **kw)
+
+
+def _params(demo_params, methods, **eval_update):
+    ev = demo_params.eval.model_copy(update={"methods": methods, "images_per_keyword": 2, "real_images": 2,
+                                             "batch_size": 4, "bootstrap": 100, **eval_update})
+    gen = demo_params.generate.model_copy(update={"steps": STEPS})  # keyword_alignment's SDXL+LoRA settings
+    return demo_params.model_copy(update={"keywords": KEYWORDS, "eval": ev, "generate": gen})
+
+
+BASE_METHODS = ["SDXL (tiny)", "SDXL+LoRA (tiny)", "SDXL+LoRA+assistant (tiny)", "broken base"]
+
+
+@pytest.fixture(scope="module")
+def setup(demo_raw, demo_params, registry, tmp_path_factory):
+    """The real curation of two keywords of the demo export, and a bank of two random adapters."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from tipsen.bank import build_bank
+    from tipsen.curate import curate
+    from tipsen.models import resolve_ref
+
+    root = tmp_path_factory.mktemp("eval")
+    raw = root / "raw"
+    items = [json.loads(line) for line in (demo_raw / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    keep = [i for i in items if i["image"].split("/")[1] in KEYWORDS]
+    for item in keep:
+        (raw / item["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_raw / item["image"], raw / item["image"])
+    (raw / "items.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in keep), encoding="utf-8")
+    curate(demo_params.model_copy(update={"keywords": KEYWORDS}), raw, root / "curated", progress=False)
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
+    for i, slug in enumerate(KEYWORDS):
+        torch.manual_seed(100 + i)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights=False), adapter_name=slug)  # random: visibly changes images
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
+        StableDiffusionXLPipeline.save_lora_weights(root / "models" / "loras" / slug, unet_lora_layers=layers,
+                                                    safe_serialization=True)
+    build_bank(root / "models" / "loras", root / "models" / "bank.json", keywords=KEYWORDS, registry=registry,
+               base_model="tiny:sdxl")
+    return root
+
+
+@pytest.fixture()
+def count_generation(monkeypatch):
+    """Every request that reaches the Generation runtime, per batch."""
+    from tipsen.generate import Generator
+
+    calls, real = [], Generator.generate_batch
+
+    def counted(self, reqs):
+        calls.append([(self.base, r.keyword, r.use_lora, r.seed) for r in reqs])
+        return real(self, reqs)
+
+    monkeypatch.setattr(Generator, "generate_batch", counted)
+    return calls
+
+
+def _run(setup, params, name="out"):
+    from tipsen.evaluate import evaluate
+
+    return evaluate(params, curated=setup / "curated", bank=setup / "models" / "bank.json",
+                    metrics_dir=setup / name / "metrics", reports_dir=setup / name / "reports",
+                    cache_dir=setup / "cache", keywords=KEYWORDS)
+
+
+@pytest.fixture(scope="module")
+def first(setup, demo_params):
+    """The first evaluation: three methods on tiny:sdxl, and one whose base model does not exist."""
+    methods = [_method("SDXL (tiny)"), _method("SDXL+LoRA (tiny)", lora=True),
+               _method("SDXL+LoRA+assistant (tiny)", lora=True, assist=True),
+               _method("broken base", base=str(setup / "no-such-model"))]
+    params = _params(demo_params, methods)
+    return params, _run(setup, params, "first")
+
+
+def test_outputs_exist_and_are_valid(first, setup):
+    import csv
+    import json
+
+    from PIL import Image
+
+    params, result = first
+    out = setup / "first"
+    assert json.loads((out / "metrics" / "eval.json").read_text(encoding="utf-8")) == result
+    assert result["profile"] == "demo" and result["keywords"] == KEYWORDS
+    assert "random tiny models" in result["note"] and "tiny:clip" in result["note"]
+    assert result["models"]["clip"] == "tiny:clip" and result["dino"]["status"] == "ok"
+    assert result["images"]["generated_per_keyword"] == 2
+    assert result["images"]["real_per_keyword"] == {"gimjang": 2, "yakgwa": 2}  # demo curation holds out 2 of 10
+    assert set(result["images"]["real_source"].values()) == {"heldout"}
+    methods = {m["name"]: m for m in result["methods"].values()}
+    assert list(methods) == BASE_METHODS
+    broken = methods.pop("broken base")
+    assert broken["status"] == "failed" and "no-such-model" in broken["reason"] and "clip_align_mean" not in broken
+    for m in methods.values():
+        assert m["status"] == "ok" and m["keywords"] == 2
+        assert -1 <= m["clip_align_mean"] <= 1 and m["clip_align_std"] >= 0
+        assert m["ci95"][0] <= m["clip_align_mean"] <= m["ci95"][1]
+        assert 0 <= m["diversity_mean"] <= 2 and -1 <= m["dino_align_mean"] <= 1 and -1 <= m["clip_t_mean"] <= 1
+    # LoRA changes the images, so its scores differ from the base model's
+    assert methods["SDXL+LoRA (tiny)"]["clip_align_mean"] != methods["SDXL (tiny)"]["clip_align_mean"]
+    assert {(c["a"], c["b"]) for c in result["comparisons"].values()} == {
+        ("SDXL+LoRA (tiny)", "SDXL (tiny)"), ("SDXL+LoRA+assistant (tiny)", "SDXL (tiny)"),
+        ("SDXL+LoRA+assistant (tiny)", "SDXL+LoRA (tiny)")}
+
+    rows = list(csv.DictReader((out / "metrics" / "per_keyword.csv").open(encoding="utf-8")))
+    assert len(rows) == 2 * 3 and {r["keyword"] for r in rows} == set(KEYWORDS)
+    for name, m in methods.items():  # the table's mean and ddof=0 std are over the CSV's keyword rows
+        scores = [float(r["clip_align"]) for r in rows if r["method"] == name]
+        assert m["clip_align_mean"] == pytest.approx(np.mean(scores), abs=2e-6)
+        assert m["clip_align_std"] == pytest.approx(np.std(scores, ddof=0), abs=2e-6)
+
+    table = (out / "reports" / "eval_table.md").read_text(encoding="utf-8")
+    assert "| Method | Image-align (mean ± std) |" in table and "ddof=0" in table and "random tiny models" in table
+    sdxl = methods["SDXL (tiny)"]
+    assert f"| SDXL (tiny) | {sdxl['clip_align_mean']:.4f} ± {sdxl['clip_align_std']:.4f} |" in table
+    assert "| broken base | failed:" in table and "profile: `demo`" in table
+    grid = Image.open(out / "reports" / "eval_grid.png")
+    assert grid.size == (128 * 6, 64 + 128 * 2)  # label column, real images, four methods; header, two keywords
+    # the first image of each generated cache file is a PNG at the model's native size
+    pngs = sorted((setup / "cache" / "images").rglob("*.png"))
+    assert len(pngs) == 3 * 2 * 2 and Image.open(pngs[0]).size == (64, 64)
+
+
+def test_score_matches_an_independent_clip_computation(first, setup):
+    """Re-embed one keyword's cached images with open_clip directly: the CSV's score is the all-pairs mean."""
+    import csv
+    import json
+
+    from PIL import Image
+
+    from tipsen.models import load_clip
+
+    model, preprocess, _ = load_clip("tiny:clip")
+    rows = [json.loads(line) for line in (setup / "curated" / "yakgwa" / "metadata.jsonl").read_text().splitlines()]
+    real = [setup / "curated" / "yakgwa" / r["file_name"] for r in rows if r["split"] == "heldout"]
+    gen = {False: [], True: []}  # by LoRA use, from each cached PNG's own provenance record
+    for png in (setup / "cache" / "images").rglob("*.png"):
+        spec = json.loads(Image.open(png).text["tipsen"])
+        if spec["keyword"] == "yakgwa" and spec["assist"] is None:
+            assert spec["prompt"] == "A photo of Yakgwa Food"  # the paper's template prompt, nothing appended
+            gen[spec["lora"]].append(png)
+    assert len(real) == 2 and len(gen[False]) == len(gen[True]) == 2
+
+    def unit(paths):
+        with torch.no_grad():
+            e = model.encode_image(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths]))
+        e = e.double().numpy()
+        return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+    r = unit(real)
+    got = {x["method"]: float(x["clip_align"]) for x in
+           csv.DictReader((setup / "first" / "metrics" / "per_keyword.csv").open(encoding="utf-8"))
+           if x["keyword"] == "yakgwa"}
+    assert got["SDXL (tiny)"] == pytest.approx(float((unit(gen[False]) @ r.T).mean()), abs=2e-5)
+    assert got["SDXL+LoRA (tiny)"] == pytest.approx(float((unit(gen[True]) @ r.T).mean()), abs=2e-5)
+
+
+def test_rerun_reuses_the_cache_and_gives_identical_metrics(first, setup, count_generation):
+    params, result = first
+    again = _run(setup, params, "rerun")
+    assert count_generation == []  # every image came from the cache
+    assert again == result
+    assert (setup / "rerun" / "metrics" / "per_keyword.csv").read_bytes() == \
+        (setup / "first" / "metrics" / "per_keyword.csv").read_bytes()
+
+
+def test_adding_a_method_generates_only_that_method(first, setup, count_generation):
+    params, result = first
+    sd = _method("SD (tiny)", base="tiny:sd")
+    more = params.model_copy(update={"eval": params.eval.model_copy(
+        update={"methods": [sd, *params.eval.methods]})})
+    out = _run(setup, more, "added")
+    requests = [r for batch in count_generation for r in batch]
+    assert {base for base, *_ in requests} == {"tiny:sd"} and not any(lora for _, _, lora, _ in requests)
+    assert len(requests) == 2 * 2 and max(map(len, count_generation)) == 4  # one mixed-keyword batch
+    assert {kw for _, kw, _, _ in count_generation[0]} == set(KEYWORDS)
+    assert out["methods"]["sd_tiny"]["status"] == "ok"
+    for key, m in result["methods"].items():  # the old methods' numbers are unchanged
+        assert out["methods"][key] == m
+    # the new first method is now every comparison's reference
+    assert ("SDXL (tiny)", "SD (tiny)") in {(c["a"], c["b"]) for c in out["comparisons"].values()}
+
+
+def test_dino_unavailable_is_skipped_with_a_reason(first, setup, count_generation):
+    params, result = first
+    models = params.models.model_copy(update={"dino": str(setup / "no-dino-here")})
+    out = _run(setup, params.model_copy(update={"models": models}), "nodino")
+    assert out["dino"]["status"] == "skipped" and "no-dino-here" in out["dino"]["reason"]
+    sdxl = out["methods"]["sdxl_tiny"]
+    assert sdxl["dino_align_mean"] is None and sdxl["clip_align_mean"] == result["methods"]["sdxl_tiny"]["clip_align_mean"]
+    assert count_generation == []
+    off = _run(setup, params.model_copy(update={"models": params.models.model_copy(update={"dino": None})}), "nodino")
+    assert off["dino"] == {"status": "skipped", "reason": "models.dino is null"}
+
+
+def test_keyword_alignment_scores_an_adapter_on_the_same_images(first, setup, count_generation):
+    """The promotion gate's score: SDXL+LoRA at the generate settings, on the held-out images."""
+    import csv
+
+    from tipsen.evaluate import keyword_alignment
+
+    params, _ = first
+    score = keyword_alignment(params, "gimjang", bank=setup / "models" / "bank.json", curated=setup / "curated",
+                              cache_dir=setup / "cache")
+    assert count_generation == []  # the same seeds and settings as the table's SDXL+LoRA method: cached
+    rows = csv.DictReader((setup / "first" / "metrics" / "per_keyword.csv").open(encoding="utf-8"))
+    table = next(float(r["clip_align"]) for r in rows if r["keyword"] == "gimjang" and r["method"] == "SDXL+LoRA (tiny)")
+    assert score == pytest.approx(table, abs=1e-6)
+
+
+def test_dvc_metrics_and_plots_show_read_the_outputs(first, setup, root, tmp_path):
+    import json
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    shutil.copytree(setup / "first" / "metrics", repo / "metrics")
+    (repo / "dvc.yaml").write_text(
+        "metrics:\n  - metrics/eval.json\nplots:\n  - metrics/per_keyword.csv:\n"
+        "      x: clip_align\n      y: label\n      template: bar_horizontal\n", encoding="utf-8")
+    dvc = lambda *a: subprocess.run([str(root / ".venv" / "bin" / "dvc"), *a], cwd=repo, check=True,  # noqa: E731
+                                    capture_output=True, text=True)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc("init", "-q")
+    shown = dvc("metrics", "show", "--json")
+    assert "failed to load" not in shown.stderr
+    data = json.loads(shown.stdout)[""]["data"]["metrics/eval.json"]
+    assert "error" not in data
+    assert data["data"]["methods"]["sdxl_tiny"]["clip_align_mean"] == first[1]["methods"]["sdxl_tiny"]["clip_align_mean"]
+    plots = json.loads(dvc("plots", "show", "--json").stdout)
+    spec = plots["data"]["metrics/per_keyword.csv"][0]["content"]
+    assert spec["encoding"]["y"]["field"] == "label" and len(spec["data"]["values"]) == 2 * 3
+
+
+def test_cli_prints_the_table_and_rejects_unknown_keywords(first, setup, root, tmp_path, capsys, count_generation):
+    import yaml
+
+    from tipsen.cli import main
+
+    params, result = first
+    raw = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    raw["keywords"] = KEYWORDS
+    raw["profiles"]["demo"]["eval"] = params.eval.model_dump(mode="json")
+    raw["profiles"]["demo"]["generate"]["steps"] = STEPS
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    common = ["--params", str(tmp_path / "params.yaml"), "--curated", str(setup / "curated"),
+              "--bank", str(setup / "models" / "bank.json"), "--cache", str(setup / "cache")]
+    assert main(["evaluate", *common, "--metrics", str(tmp_path / "m"), "--reports", str(tmp_path / "r"),
+                 "--keywords", "gimjang,yakgwa"]) == 0
+    out = capsys.readouterr().out
+    assert f"SDXL (tiny)\t{result['methods']['sdxl_tiny']['clip_align_mean']:.4f}" in out and "random tiny" in out
+    assert (tmp_path / "r" / "eval_grid.png").is_file() and count_generation == []
+    assert main(["evaluate", *common, "--keywords", "gimjang,nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "keywords: unknown keyword 'nosuch'; allowed:" in err and "Traceback" not in err

@@ -71,6 +71,14 @@ def _copy_bank(lora_root: Path, tmp_path: Path, registry) -> Path:
     return tmp_path
 
 
+def test_all_adapters_resident_none_active(gen):
+    from tipsen.lora_batch import lora_layers
+
+    assert sorted(gen.status()["adapters"]) == sorted(SLUGS) and gen.available == sorted(SLUGS)
+    layers = lora_layers(gen.modules)
+    assert layers and all(sorted(layer.lora_A) == sorted(SLUGS) and layer.active_adapters == [] for layer in layers)
+
+
 def test_routing(gen):
     assert gen.route("어릴 적 김장하던 날").slug == "gimjang"
     assert gen.route("GIM  JANG with grandma").slug == "gimjang"  # case- and spacing-insensitive
@@ -86,7 +94,7 @@ def test_routed_prompt_and_metadata(gen):
         {"prompt": "a quiet morning by the sea", "seed": 1, "steps": STEPS}])
     meta = routed.metadata
     assert meta["keyword"] == meta["adapter"] == "gimjang"
-    assert meta["route"] == {"slug": "gimjang", "matched": "김장", "source": "alias"}
+    assert meta["route"] == {"slug": "gimjang", "matched": "김장하", "source": "alias"}  # the longest alias
     assert meta["prompt"] == "A photo of Gimjang Tradition, 어릴 적 김장하던 날"  # keyword, class token, own words
     assert (meta["seed"], meta["steps"], meta["guidance"], meta["lora_scale"]) == (1, STEPS, 5.0, 0.7)
     assert (meta["width"], meta["height"], meta["model"]) == (64, 64, "tiny:sdxl")
@@ -174,7 +182,7 @@ def test_long_prompt_truncated_with_warning(gen, caplog):
     assert any("truncated" in r.getMessage() for r in caplog.records)
     result = gen.generate({"prompt": prompt, "seed": 0, "steps": STEPS})
     assert result.metadata["keyword"] == "gimjang"
-    assert any("truncated from 1799 to 1000" in w for w in result.metadata["warnings"])
+    assert any("truncated from 1999 to 1000" in w for w in result.metadata["warnings"])
 
 
 def test_corrupt_adapter_unavailable_others_serve(demo_params, lora_root, registry, tmp_path):

@@ -3,6 +3,10 @@
 Reads `items.jsonl`, checks and scores every image in a process pool (tipsen.imaging), scores CLIP relevance
 in batches, drops exact and near duplicates across the whole export, keeps the top N per keyword, and
 publishes `<out>/<slug>/{NNN.png, metadata.jsonl}` (Hugging Face imagefolder) and `<out>/report.json`.
+
+Rejection reasons, in the order they are checked: bad_record, unknown_keyword, duplicate_id, bad_path,
+missing_file, unreadable, file_too_large, not_an_image, decompression_bomb, extreme_aspect, too_small,
+truncated, corrupt, blurry, irrelevant, exact_duplicate, near_duplicate, not_in_top_n.
 """
 from __future__ import annotations
 
@@ -73,6 +77,15 @@ def _image_path(raw: Path, rel: object) -> Path:
     return raw / pure
 
 
+def _record_problem(item: object) -> str:
+    if not isinstance(item, dict):
+        return "not a JSON object"
+    for key in ("id", "keyword"):
+        if not isinstance(item.get(key), str) or not item[key].strip():
+            return f"{key} must be a non-empty string"
+    return "" if isinstance(item.get("text") or "", str) else "text must be a string"
+
+
 def read_export(raw: Path, registry: Registry) -> tuple[list[dict], list[tuple[str, Rejection]]]:
     """Parsed items (with `slug` and `path`) and the (group, rejection) of every line that can't be used."""
     items_file = raw / "items.jsonl"
@@ -88,16 +101,14 @@ def read_export(raw: Path, registry: Registry) -> tuple[list[dict], list[tuple[s
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        item = None
         try:
             item = json.loads(line)
-            if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("id", "keyword")):
-                raise ValueError("expected an object with string id and keyword")
-            if not isinstance(item.get("text") or "", str) or not item["id"]:
-                raise ValueError("text must be a string and id non-empty")
+            problem = _record_problem(item)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            rid = item["id"] if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] else f"line {n}"
-            rejected.append((UNASSIGNED, Rejection(id=rid, reason="bad_record", detail=str(exc)[:200])))
+            item, problem = None, f"not JSON: {exc}"
+        if problem:
+            rid = item["id"] if isinstance(item, dict) and isinstance(item.get("id"), str) else f"line {n}"
+            rejected.append((UNASSIGNED, Rejection(id=rid or f"line {n}", reason="bad_record", detail=problem[:200])))
             continue
         kw = registry.resolve(item["keyword"])
         group = kw.slug if kw else UNASSIGNED
@@ -146,11 +157,16 @@ class Relevance:
 
 @contextmanager
 def _mapper(workers: int):
-    """An ordered map over a spawn pool (no fork of a process holding torch threads), or inline for 1 worker."""
+    """An ordered map over a process pool, or inline for one worker. Workers fork from a clean fork server
+    that has imported only tipsen.imaging: quick to start, and never a fork of a process running torch."""
     if workers <= 1:
         yield map
         return
-    with mp.get_context("spawn").Pool(workers) as pool:
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["tipsen.imaging"])
+    with ctx.Pool(workers) as pool:
         yield partial(pool.imap, chunksize=4)
 
 

@@ -151,29 +151,30 @@ class Run:
     error: str | None = None
 
 
-def _image_key(params: Params, m: EvalMethod, slug: str, seed: int, adapter: str | None, extra: dict) -> str:
+def image_spec(params: Params, m: EvalMethod, slug: str, seed: int, adapter: str | None, extra: dict) -> dict:
+    """Everything an image depends on; its hash names the cache file, so a changed setting never hits."""
     from tipsen.models import resolve_device
 
     g = params.generate
-    return sha256_json({
+    return {
         "v": CACHE_VERSION, "base": m.base, "pipeline_class": params.models.pipeline_class,
         "device": resolve_device(params.models.device), "dtype": params.models.dtype,
         "lora": m.lora, "adapter": adapter, "lora_scale": m.lora_scale if m.lora else None,
         "assist": extra.get("assist") if m.assist else None, "steps": m.steps, "guidance": m.guidance,
         "width": m.width or g.width, "height": m.height or g.height, "negative": g.negative_prompt,
         "keyword": slug, "seed": seed,
-    })
+    }
 
 
 def plan(run: Run, *, params: Params, slugs: list[str], cache: Path, adapters: dict[str, str],
-         extra: dict) -> list[tuple[str, int, Path]]:
-    """Fill `run.images` with the cache files of every image; return (slug, seed, file) of those missing."""
+         extra: dict) -> list[tuple[str, int, Path, dict]]:
+    """Fill `run.images` with the cache files of every image; return (slug, seed, file, spec) of those missing."""
     m, ev, todo = run.spec, params.eval, []
     for slug in slugs:
         seeds = [derive_seed(ev.seed, slug, i) for i in range(ev.images_per_keyword)]
-        keys = [_image_key(params, m, slug, s, adapters.get(slug) if m.lora else None, extra) for s in seeds]
-        run.images[slug] = [cache / "images" / k[:2] / f"{k}.png" for k in keys]
-        todo += [(slug, s, f) for s, f in zip(seeds, run.images[slug]) if not f.is_file()]
+        specs = [image_spec(params, m, slug, s, adapters.get(slug) if m.lora else None, extra) for s in seeds]
+        run.images[slug] = [cache / "images" / k[:2] / f"{k}.png" for k in map(sha256_json, specs)]
+        todo += [(slug, s, f, spec) for s, f, spec in zip(seeds, run.images[slug], specs) if not f.is_file()]
     return todo
 
 
@@ -199,18 +200,18 @@ class TemplatePrompt:
         return {"prompt": self.prompt, "backend": "none (template prompt)"}
 
 
-def generate_missing(run: Run, todo: list[tuple[str, int, Path]], generator, prompts: FixedPrompts, *,
+def generate_missing(run: Run, todo: list[tuple[str, int, Path, dict]], generator, prompts: FixedPrompts, *,
                      params: Params, registry: Registry, assistant=None) -> None:
     """Generate the missing images through the batched runtime (mixed-keyword batches) and cache them."""
     from tipsen.generate import GenerationRequest
 
     m, g, size = run.spec, params.generate, params.eval.batch_size
-    template = [registry[slug].prompt for slug, _, _ in todo]
+    template = [registry[t[0]].prompt for t in todo]
     if m.assist:  # refined first, with the image's own seed, as the service would
         chosen = assistant.refine_batch(template, keywords=[t[0] for t in todo], seeds=[t[1] for t in todo])
     else:
         chosen = [TemplatePrompt(p) for p in template]
-    prompts.table = {(slug, seed): c for (slug, seed, _), c in zip(todo, chosen)}
+    prompts.table = {(t[0], t[1]): c for t, c in zip(todo, chosen)}
     for start in range(0, len(todo), size):
         chunk = range(start, min(start + size, len(todo)))
         reqs = [GenerationRequest(prompt=template[i], keyword=todo[i][0], seed=todo[i][1], steps=m.steps,
@@ -218,12 +219,12 @@ def generate_missing(run: Run, todo: list[tuple[str, int, Path]], generator, pro
                                   height=m.height or g.height, num_images=1, assist=True, use_lora=m.lora)
                 for i in chunk]
         for i, result in zip(chunk, generator.generate_batch(reqs)):
-            meta, (slug, seed, file) = result.metadata, todo[i]
+            meta, (slug, seed, file, spec) = result.metadata, todo[i]
             if meta.get("prompt") != chosen[i].prompt or (m.lora and meta.get("adapter") != slug):
                 raise RuntimeError(f"{slug} seed {seed}: generated with prompt {meta.get('prompt')!r} and adapter "
                                    f"{meta.get('adapter')!r}, not the protocol's; warnings: {meta.get('warnings')}")
             info = PngInfo()
-            info.add_text("tipsen", json.dumps({"keyword": slug, "seed": seed, "prompt": chosen[i].prompt}))
+            info.add_text("tipsen", json.dumps({**spec, "prompt": chosen[i].prompt}))  # provenance
             buf = io.BytesIO()
             result.images[0].convert("RGB").save(buf, "PNG", pnginfo=info)
             _write_bytes_atomic(file, buf.getvalue())
@@ -429,7 +430,8 @@ def write_grid(runs: list[Run], *, slugs: list[str], real: dict[str, list[Path]]
                registry: Registry, path: Path) -> None:
     """Fig. 4's layout: rows are keywords, columns are a real image and then each method's first image."""
     font = ImageFont.load_default(size=12)
-    cols = [("Real (held-out)" if set(source.values()) == {"heldout"} else "Real (curated)", real, None)] + [(r.spec.name, r.images, r.error) for r in runs]
+    real_name = "Real (held-out)" if set(source.values()) == {"heldout"} else "Real (curated)"
+    cols = [(real_name, real, None)] + [(r.spec.name, r.images, r.error) for r in runs]
     c = GRID_CELL
     grid = Image.new("RGB", (c * (len(cols) + 1), c // 2 + c * len(slugs)), "white")
     draw = ImageDraw.Draw(grid)
@@ -533,7 +535,8 @@ def evaluate(params: Params, *, curated: Path = Path("data/curated"), bank: Path
     methods, comparisons = summarize(runs, rows, params=params, slugs=slugs)
     bases = list(dict.fromkeys(m.base for m in ev.methods))
     refs = [params.models.clip, params.models.dino or "", *bases]
-    refs += [params.models.llm] if any(m.assist for m in ev.methods) and params.assistant.backend == "transformers" else []
+    if any(m.assist for m in ev.methods) and params.assistant.backend == "transformers":
+        refs.append(params.models.llm)
     tiny = sorted({r for r in refs if r.startswith("tiny:")})
     result = {
         "profile": params.profile,
@@ -604,8 +607,9 @@ def run(args) -> int:
                       metrics_dir=Path(args.metrics), reports_dir=Path(args.reports),
                       cache_dir=Path(args.cache) if args.cache else None, keywords=keywords)
     for m in result["methods"].values():
-        score_ = f"{m['clip_align_mean']:.4f} ± {m['clip_align_std']:.4f}" if m["status"] == "ok" else f"failed: {m['reason']}"
-        print(f"{m['name']}\t{score_}")
+        ok = m["status"] == "ok"
+        print(f"{m['name']}\t" + (f"{m['clip_align_mean']:.4f} ± {m['clip_align_std']:.4f}" if ok else
+                                  f"failed: {m['reason']}"))
     if result["note"]:
         print(result["note"])
     return 0 if any(m["status"] == "ok" for m in result["methods"].values()) else 1

@@ -61,8 +61,8 @@ def read_bytes(path: Path, max_bytes: int) -> bytes:
             raise Rejected("file_too_large", f"{size} bytes > max_file_bytes {max_bytes}")
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)  # the file may grow between stat and read
-    except PermissionError as exc:
-        raise Rejected("unreadable", exc.strerror or "permission denied") from None
+    except OSError as exc:  # permission denied, I/O error, ...
+        raise Rejected("unreadable", exc.strerror or str(exc)) from None
     if len(data) > max_bytes:
         raise Rejected("file_too_large", f"more than max_file_bytes {max_bytes}")
     return data
@@ -70,7 +70,7 @@ def read_bytes(path: Path, max_bytes: int) -> bytes:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB: 16-bit scaled to 8, alpha composited onto white, CMYK/palette/grey converted."""
-    if img.mode == "RGB":
+    if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode.startswith("I") or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -107,8 +107,9 @@ def decode(data: bytes, checks: Checks, *, draft: int | None = None) -> tuple[Im
         raise Rejected("decompression_bomb", str(exc)) from None
     except UnidentifiedImageError:
         raise Rejected("not_an_image", f"not a {'/'.join(FORMATS)} file") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:  # Pillow's ways of saying "broken"
-        raise Rejected("truncated" if "truncat" in str(exc).lower() else "corrupt", str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is this item's, not the run's
+        reason = "truncated" if "truncat" in str(exc).lower() else "corrupt"
+        raise Rejected(reason, f"{type(exc).__name__}: {exc}"[:300]) from None
     return img, (h, w)
 
 

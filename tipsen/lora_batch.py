@@ -10,6 +10,7 @@ splits a batch because of its scale.
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -40,32 +41,40 @@ class _QuietMissingKeys(logging.Filter):
 
 def load_adapters(pipe, bank: Bank, known: set[str]) -> dict[str, str | None]:
     """Load every verified adapter of `bank` under its slug; {slug: None if loaded, else why not}."""
-    status: dict[str, str | None] = {}
     quiet = _QuietMissingKeys()
     diffusers_log = logging.getLogger("diffusers.loaders.lora_base")
     diffusers_log.addFilter(quiet)
     try:
-        for entry in bank:
-            if entry.slug not in known:
-                reason = "not in the keyword registry"
-            elif entry.path.suffix != ".safetensors":  # never hand a pickle to a loader
-                reason = f"not a safetensors file: {entry.path.name}"
-            else:
-                reason = bank.verify(entry.slug)
-            if reason is None:
-                try:
-                    # weight_name ends in .safetensors and use_safetensors=True: diffusers has no pickle fallback.
-                    pipe.load_lora_weights(str(entry.path.parent), weight_name=entry.path.name,
-                                           adapter_name=entry.slug, use_safetensors=True)
-                except Exception as exc:  # one bad adapter must not take the bank down; the reason is reported
-                    reason = f"load failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
-                    _drop(pipe, entry.slug)
-            if reason:
-                log.warning("adapter %s unavailable: %s", entry.slug, reason)
-            status[entry.slug] = reason
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # many adapters is the point
+            status = {entry.slug: _load_one(pipe, bank, entry, known) for entry in bank}
     finally:
         diffusers_log.removeFilter(quiet)
+    for layer in lora_layers(components(pipe)):
+        # No adapter is ever active: a LoRA applies only through per-sample names or fusion, so a layer
+        # that a fused adapter does not cover cannot pick up whichever adapter diffusers activated last.
+        layer.set_adapter([], inference_mode=True)
     return status
+
+
+def _load_one(pipe, bank: Bank, entry, known: set[str]) -> str | None:
+    if entry.slug not in known:
+        reason = "not in the keyword registry"
+    elif entry.path.suffix != ".safetensors":  # never hand a pickle to a loader
+        reason = f"not a safetensors file: {entry.path.name}"
+    else:
+        reason = bank.verify(entry.slug)
+    if reason is None:
+        try:
+            # weight_name ends in .safetensors and use_safetensors=True: diffusers has no pickle fallback.
+            pipe.load_lora_weights(str(entry.path.parent), weight_name=entry.path.name, adapter_name=entry.slug,
+                                   use_safetensors=True, low_cpu_mem_usage=True)  # no random init before loading
+        except Exception as exc:  # one bad adapter must not take the bank down; the reason is reported
+            reason = f"load failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+            _drop(pipe, entry.slug)
+    if reason:
+        log.warning("adapter %s unavailable: %s", entry.slug, reason)
+    return reason
 
 
 def _drop(pipe, slug: str) -> None:

@@ -185,12 +185,17 @@ def record_lineage(root: Path, outputs: list[Path], *, downstream_of: Path | Non
     stale downstream of `downstream_of` (`dvc repro --downstream`, e.g. an evaluate stage after the bank)."""
     from dvc.exceptions import NoOutputOrStageError
     from dvc.repo import Repo
+    from dvc.stage import PipelineStage
 
     def owner(repo, path: Path) -> str | None:
+        """The stage writing `path`, addressed from `root` ("bank", "train@x", "data.dvc")."""
         try:
-            return repo.stage.collect_granular(str(Path(path).resolve()))[0].stage.addressing
+            stage = repo.stage.collect_granular(str(Path(path).resolve()))[0].stage
         except NoOutputOrStageError:
             return None
+        file = os.path.relpath(stage.path, root)
+        return (stage.name if file == "dvc.yaml" else f"{file}:{stage.name}") \
+            if isinstance(stage, PipelineStage) else file
 
     with Repo(str(root)) as repo:  # closed before the subprocesses take the repo lock
         stages = {str(p): owner(repo, p) for p in outputs}

@@ -81,7 +81,7 @@ class Trainer:
     def __init__(self, params: Params, kw: Keyword, examples: list[td.Example], *, cache: bool = True):
         import torch
         from diffusers import DDPMScheduler
-        from peft import LoraConfig
+        from peft import LoraConfig, inject_adapter_in_model
 
         self.cfg = cfg = params.train
         self.device = resolve_device(params.models.device)
@@ -116,7 +116,8 @@ class Trainer:
         ids = [e.time_ids(cfg.resolution) for e in self.examples]
         self.ids = torch.tensor(ids, dtype=torch.float32, device=self.device)
 
-        pipe.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in half precision
+        if pipe.vae.dtype != torch.float32:
+            pipe.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in half precision
         self.scale = pipe.vae.config.scaling_factor
         self.shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
         self.text_encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2")
@@ -144,7 +145,8 @@ class Trainer:
         self.modules = {"unet": self.unet}
         if cfg.train_text_encoder:
             for name, enc in self.text_encoders.items():
-                enc.add_adapter(LoraConfig(**lora, target_modules=TEXT_LORA_MODULES))
+                # peft directly: transformers' add_adapter wants a newer peft than diffusers does
+                inject_adapter_in_model(LoraConfig(**lora, target_modules=TEXT_LORA_MODULES), enc)
                 self.modules[name] = enc
         else:
             self.text_encoders.clear()
@@ -326,16 +328,19 @@ class Trainer:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
         from safetensors import safe_open
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save
 
         layers = {f"{n}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
                   for n, m in self.modules.items()}
-        adapters = {f"{n}_lora_adapter_metadata": m.peft_config["default"].to_dict() for n, m in self.modules.items()}
+        adapters = {f"{n}_lora_adapter_metadata": {k: sorted(v) if isinstance(v, set) else v  # sets: hash order
+                                                   for k, v in m.peft_config["default"].to_dict().items()}
+                    for n, m in self.modules.items()}
         self.pipe_cls.save_lora_weights(str(folder), **layers, **adapters, safe_serialization=True)
         file = folder / WEIGHTS_NAME
         with safe_open(str(file), framework="pt") as f:
             header = f.metadata() or {}
-        save_file(load_file(str(file)), str(file), metadata={**header, **metadata})
+        file.write_bytes(_canonical(save(load_file(str(file)), metadata={**header, **metadata})))
+        file.chmod(0o644)
 
     def release(self) -> None:
         """Free the models before the validation pipeline is loaded."""
@@ -371,6 +376,15 @@ def validation_grid(params: Params, kw: Keyword, weights: Path):
     del pipe
     gc.collect()
     return grid
+
+
+def _canonical(blob: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted: the writer emits metadata in hash-map order, so
+    the same tensors and metadata could otherwise give different bytes."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes with spaces
+    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
 
 
 def _write_csv(path: Path, losses: list[float]) -> None:

@@ -1,0 +1,121 @@
+"""Evaluation wall time on the demo profile (cold cache and fully cached rerun), and its scaling with
+images_per_keyword: N vs 2N images (paired, cold cache each time) should take about 2x, not 4x.
+
+    .venv/bin/python -m benchmarks.evaluate [--smoke] [--keywords 4] [--images 4] [--reps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import paired, table, timeit, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def workspace(root: Path, params, keywords: list[str]) -> tuple[Path, Path]:
+    """The real curation of `keywords` from the demo export, and a bank of random adapters (as the tests build)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from tipsen.bank import build_bank
+    from tipsen.curate import curate
+    from tipsen.demodata import demo_data
+    from tipsen.models import resolve_ref
+    from tipsen.registry import Registry
+
+    registry = Registry.load()
+    demo_data(root / "raw-all", registry=registry)
+    items = [json.loads(line) for line in (root / "raw-all" / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    keep = [i for i in items if i["image"].split("/")[1] in keywords]
+    for item in keep:
+        (root / "raw" / item["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / "raw-all" / item["image"], root / "raw" / item["image"])
+    (root / "raw" / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in keep), encoding="utf-8")
+    curate(params, root / "raw", root / "curated", progress=False)
+    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
+    for i, slug in enumerate(keywords):
+        torch.manual_seed(i)
+        unet.add_adapter(LoraConfig(r=params.train.rank, lora_alpha=params.train.alpha, init_lora_weights=False,
+                                    target_modules=params.train.target_modules), adapter_name=slug)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
+        StableDiffusionXLPipeline.save_lora_weights(root / "loras" / slug, unet_lora_layers=layers,
+                                                    safe_serialization=True)
+    build_bank(root / "loras", root / "bank.json", keywords=keywords, registry=registry, base_model="tiny:sdxl")
+    return root / "curated", root / "bank.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="1 keyword, 1 image, 1 step, one repetition")
+    ap.add_argument("--keywords", type=int, default=4, help="keywords evaluated (the demo profile's first K)")
+    ap.add_argument("--images", type=int, default=None, help="N for the scaling pair (default: the profile's)")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TIPSEN_HOME", str(ROOT / ".cache" / "tipsen"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tipsen.config import load_params
+    from tipsen.evaluate import evaluate
+
+    params = load_params(ROOT / "params.yaml", profile="demo")
+    k, reps = (1, 1) if args.smoke else (args.keywords, args.reps)
+    keywords = params.keywords[:k]
+    ev = params.eval
+    if args.smoke:
+        ev = ev.model_copy(update={"images_per_keyword": 1, "bootstrap": 10,
+                                   "methods": [m.model_copy(update={"steps": 1}) for m in ev.methods]})
+    params = params.model_copy(update={"keywords": keywords, "eval": ev})
+    n = 1 if args.smoke else (args.images or ev.images_per_keyword)
+    root = Path(tempfile.mkdtemp(prefix="eval-bench-"))
+    results = {"load_average_at_start": os.getloadavg()}
+    try:
+        curated, bank = workspace(root, params, keywords)
+
+        def run(images: int, *, cold: bool):
+            cache = root / f"cache-{images}"
+            if cold:
+                shutil.rmtree(cache, ignore_errors=True)
+            p = params.model_copy(update={"eval": params.eval.model_copy(update={"images_per_keyword": images})})
+            evaluate(p, curated=curated, bank=bank, metrics_dir=root / "metrics", reports_dir=root / "reports",
+                     cache_dir=cache)
+
+        demo = timeit(lambda: run(ev.images_per_keyword, cold=True), reps=reps, warmup=1)
+        cached = timeit(lambda: run(ev.images_per_keyword, cold=False), reps=reps, warmup=0)
+        images = len(keywords) * len(ev.methods) * ev.images_per_keyword
+        results["demo"] = {"keywords": len(keywords), "methods": len(ev.methods), "images": images,
+                           "cold": demo, "cached_rerun": cached, "images_per_s_cold": images / demo["median"]}
+        pair = paired(lambda: run(2 * n, cold=True), lambda: run(n, cold=True), reps=reps, warmup=0)
+        results["scaling"] = {"n": n, "time_n": pair["b"], "time_2n": pair["a"], "ratio_2n_over_n": pair["ratio_a_over_b"],
+                              "marginal_s_per_image": (pair["a"]["median"] - pair["b"]["median"])
+                              / (n * len(keywords) * len(ev.methods))}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    d, s = results["demo"], results["scaling"]
+    print(table([{"run": "demo cold", "images": d["images"], "seconds": d["cold"]["median"], "min": d["cold"]["min"],
+                  "max": d["cold"]["max"]},
+                 {"run": "demo cached", "images": d["images"], "seconds": d["cached_rerun"]["median"],
+                  "min": d["cached_rerun"]["min"], "max": d["cached_rerun"]["max"]},
+                 {"run": f"N={n}", "images": n * k * len(ev.methods), "seconds": s["time_n"]["median"],
+                  "min": s["time_n"]["min"], "max": s["time_n"]["max"]},
+                 {"run": f"2N={2 * n}", "images": 2 * n * k * len(ev.methods), "seconds": s["time_2n"]["median"],
+                  "min": s["time_2n"]["min"], "max": s["time_2n"]["max"]}]))
+    print(f"\n2N/N time ratio x{s['ratio_2n_over_n']:.2f} (linear: <= 2; quadratic: ~4); "
+          f"marginal {s['marginal_s_per_image'] * 1000:.0f} ms per image; "
+          f"cached rerun {d['cold']['median'] / d['cached_rerun']['median']:.1f}x faster than cold")
+    path = write_result("evaluate" + ("-smoke" if args.smoke else ""), results, params={
+        "keywords": keywords, "reps": reps, "eval": params.eval.model_dump(mode="json"),
+        "models": params.models.model_dump(mode="json"), "load_average_at_end": os.getloadavg()})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

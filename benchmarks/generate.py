@@ -1,0 +1,133 @@
+"""Generation runtime on tiny:sdxl: batching, mixed-keyword batches, keyword switching, fusion, cold start.
+
+    .venv/bin/python -m benchmarks.generate [--smoke] [--steps 28] [--size 64] [--adapters 30] [--reps 3]
+
+Adapters are random (rank = train.rank of the demo profile) and written to a temporary bank, so only speed is
+measured, never quality. Every comparison is paired and alternated in one process (benchmarks.common).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import paired, summarize, table, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TIPSEN_HOME", str(ROOT / ".cache" / "tipsen"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_bank(out: Path, slugs: list[str], rank: int, registry) -> Path:
+    """Random LoRAs on to_q/k/v/out.0, saved and indexed exactly as the trainer and bank builder do."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from tipsen.bank import build_bank
+    from tipsen.models import resolve_ref
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
+    for i, slug in enumerate(slugs):
+        torch.manual_seed(i)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights=False), adapter_name=slug)
+        with torch.no_grad():
+            for name, param in unet.named_parameters():
+                if f"lora_B.{slug}." in name:
+                    param.mul_(0.1)  # a trained adapter's magnitude, roughly; speed does not depend on it
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
+        StableDiffusionXLPipeline.save_lora_weights(out / "loras" / slug, unet_lora_layers=layers,
+                                                    safe_serialization=True)
+        unet.delete_adapters(slug)
+    build_bank(out / "loras", out / "bank.json", keywords=slugs, registry=registry, base_model="tiny:sdxl")
+    return out / "bank.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="2 steps, 32 px, 8 adapters, 1 repetition")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.size, args.adapters, args.reps = 2, 32, 8, 1
+    import torch
+
+    from tipsen.config import load_params
+    from tipsen.generate import Generator
+    from tipsen.registry import Registry
+
+    params = load_params(ROOT / "params.yaml", profile="demo")
+    params = params.model_copy(update={"generate": params.generate.model_copy(update={"max_batch_size": 8})})
+    fused_params = params.model_copy(update={"generate": params.generate.model_copy(update={"fuse_lora": True})})
+    registry = Registry.load()
+    slugs = params.keywords[:args.adapters]
+    reps, warmup = args.reps, 0 if args.smoke else 1
+    rows, results = [], {}
+
+    def req(slug: str, seed: int) -> dict:
+        return {"prompt": f"{registry[slug].ko} 하던 날", "keyword": slug, "seed": seed, "steps": args.steps,
+                "width": args.size, "height": args.size}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bank = make_bank(Path(tmp), slugs, params.train.rank, registry)
+        Generator(params, bank=Path(tmp) / "none.json", registry=registry)  # imports and first-load costs
+        gc.collect()
+
+        base_s, bank_s = [], []
+        for _ in range(max(reps, 2)):
+            t = time.perf_counter()
+            Generator(params, bank=Path(tmp) / "none.json", registry=registry)
+            base_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            gen = Generator(params, bank=bank, registry=registry)
+            bank_s.append(time.perf_counter() - t)
+            gc.collect()
+        assert len(gen.available) == len(slugs), gen.status()
+        results["cold_start"] = {"base_s": summarize(base_s), "base_plus_adapters_s": summarize(bank_s),
+                                 "adapters": len(slugs)}
+        per_adapter = (results["cold_start"]["base_plus_adapters_s"]["median"] - summarize(base_s)["median"])
+        rows.append({"measure": f"cold start: base + {len(slugs)} adapters", "a_s": summarize(bank_s)["median"],
+                     "b_s": summarize(base_s)["median"], "ratio": per_adapter / len(slugs) * 1000,
+                     "target": "ms per adapter"})
+
+        mixed = [req(slugs[i % len(slugs)], i) for i in range(8)]
+        same = [req(slugs[0], i) for i in range(8)]
+        fused = Generator(fused_params, bank=bank, registry=registry)
+        comparisons = {
+            # name: (A, B, ratio from medians, target)
+            "batch8_vs_sequential8": (lambda: gen.generate_batch(mixed), lambda: [gen.generate(r) for r in mixed],
+                                      lambda a, b: b / a, "speedup >= 3x"),
+            "mixed8_vs_same8_batch": (lambda: gen.generate_batch(mixed), lambda: gen.generate_batch(same),
+                                      lambda a, b: b / a, "throughput >= 0.8x"),
+            "switching_vs_same_sequential": (lambda: [gen.generate(r) for r in mixed],
+                                             lambda: [gen.generate(r) for r in same],
+                                             lambda a, b: a / b - 1, "overhead <= 0.02"),
+            "fused_vs_unfused_single_keyword": (lambda: fused.generate_batch(same), lambda: gen.generate_batch(same),
+                                                lambda a, b: b / a, "speedup (informative)"),
+        }
+        for name, (a, b, ratio, target) in comparisons.items():
+            r = paired(a, b, reps=reps, warmup=warmup)
+            r["ratio"] = ratio(r["a"]["median"], r["b"]["median"])
+            results[name] = r
+            rows.append({"measure": name, "a_s": r["a"]["median"], "b_s": r["b"]["median"], "ratio": r["ratio"],
+                         "target": target})
+            print(f"{name}: {r['ratio']:.3f}", flush=True)
+
+    print(table(rows))
+    out = write_result("generate", results, params={
+        "model": "tiny:sdxl", "steps": args.steps, "size": args.size, "adapters": len(slugs),
+        "rank": params.train.rank, "reps": reps, "warmup": warmup, "smoke": args.smoke,
+        "device": str(gen.pipe.device), "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

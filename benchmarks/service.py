@@ -1,0 +1,178 @@
+"""The HTTP service on tiny:sdxl, through HTTP: throughput and latency at concurrency 1/4/8/16, mixed keywords
+against one keyword, and the cost of HTTP + adaptive batching against a direct Generator call.
+
+    python -m benchmarks.service            # 8 steps at 64 px (small on purpose: CPU minutes, not hours)
+    python -m benchmarks.service --smoke    # seconds
+    python -m benchmarks.service --bank models/bank.json   # the demo bank instead of random adapters
+
+The server is `tipsen serve` on 127.0.0.1 with the demo profile, the template assistant and a bank of four
+random adapters, started once. Figures on tiny random models measure the serving machinery, not SDXL.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from benchmarks.common import paired, summarize, table, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+SLUGS = ["gimjang", "yakgwa", "songpyeon", "kimbap"]
+
+
+def random_bank(out: Path) -> Path:
+    """Four random rank-4 adapters in the trainer's format (as the tests build them), indexed by build_bank."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from tipsen.bank import build_bank
+    from tipsen.models import resolve_ref
+    from tipsen.registry import Registry
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
+    for i, slug in enumerate(SLUGS):
+        torch.manual_seed(i)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights=False), adapter_name=slug)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
+        StableDiffusionXLPipeline.save_lora_weights(str(out / "loras" / slug), unet_lora_layers=layers,
+                                                    safe_serialization=True)
+    build_bank(out / "loras", out / "bank.json", keywords=SLUGS, registry=Registry.load(), base_model="tiny:sdxl")
+    return out / "bank.json"
+
+
+def bench_params(out: Path, *, steps: int, size: int) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    demo = raw["profiles"]["demo"]
+    demo["generate"] = {**demo.get("generate", {}), "steps": steps, "width": size, "height": size, "min_size": size,
+                        "max_size": size}
+    demo["assistant"] = {**demo.get("assistant", {}), "backend": "template"}
+    demo["service"] = {**demo.get("service", {}), "max_queue": 32, "max_concurrency": 80, "timeout_s": 600}
+    out.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return out
+
+
+def start(params: Path, bank: Path, port: int, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "tipsen.cli", "serve", "--params", str(params), "--profile", "demo",
+                             "--bank", str(bank), "--port", str(port)], cwd=ROOT, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {log}")
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready; see {log}")
+
+
+def load(url: str, *, concurrency: int, total: int, keywords: list[str]) -> dict:
+    """`total` POST /generate from `concurrency` threads; throughput and latency percentiles."""
+    latencies: list[float] = []
+    lock, todo = threading.Lock(), iter(range(total))
+
+    def worker():
+        with httpx.Client(timeout=600) as client:
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                t = time.perf_counter()
+                r = client.post(f"{url}/generate", json={"prompt": "추억", "keyword": keywords[i % len(keywords)],
+                                                         "seed": i})
+                r.raise_for_status()
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
+    return {"concurrency": concurrency, "requests": total, "throughput_rps": total / wall,
+            "p50_s": statistics.median(latencies), "p95_s": q[18], "wall_s": wall}
+
+
+def batch_sizes(log: Path) -> list[int]:
+    return [int(line.split("batch size ")[1].split(":")[0]) for line in log.read_text(errors="replace").splitlines()
+            if "batch size " in line]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--bank", type=Path, default=None, help="bank index (default: four random adapters)")
+    ap.add_argument("--port", type=int, default=3917)
+    args = ap.parse_args()
+    steps = 2 if args.smoke else args.steps
+    levels = [1, 2] if args.smoke else [1, 4, 8, 16]
+    per_level = (lambda c: 2) if args.smoke else (lambda c: max(8, 2 * c))
+    reps = 1 if args.smoke else 3
+
+    tmp = Path(tempfile.mkdtemp(prefix="tipsen-bench-"))
+    bank = args.bank or random_bank(tmp / "bank")
+    params = bench_params(tmp / "params.yaml", steps=steps, size=args.size)
+    log = tmp / "server.log"
+    url = f"http://127.0.0.1:{args.port}"
+    proc = start(params, bank, args.port, log)
+    results: dict = {}
+    try:
+        load(url, concurrency=2, total=4, keywords=SLUGS)  # warm-up
+        before = len(batch_sizes(log))
+        rows = [load(url, concurrency=c, total=per_level(c), keywords=SLUGS) for c in levels]
+        results["concurrency"] = rows
+        results["batch_sizes"] = batch_sizes(log)[before:]
+        print(table(rows))
+        print("batch sizes seen:", results["batch_sizes"])
+
+        c = levels[-1] if args.smoke else 8
+        mix = paired(lambda: load(url, concurrency=c, total=2 * c, keywords=SLUGS),
+                     lambda: load(url, concurrency=c, total=2 * c, keywords=SLUGS[:1]), reps=reps, warmup=0)
+        results["mixed_vs_single"] = mix
+        print(table([{"case": f"{2 * c} requests at concurrency {c}: mixed / single keyword",
+                      "mixed_s": mix["a"]["median"], "single_s": mix["b"]["median"],
+                      "ratio": mix["ratio_a_over_b"]}]))
+
+        from tipsen.config import load_params
+        from tipsen.generate import GenerationRequest, Generator
+
+        gen = Generator(load_params(params, profile="demo"), bank=bank)
+        req = GenerationRequest(prompt="추억", keyword=SLUGS[0], seed=0, assist=True)
+        direct = paired(lambda: load(url, concurrency=1, total=1, keywords=SLUGS[:1]),
+                        lambda: gen.generate(req), reps=3 * reps, warmup=1)
+        results["http_vs_direct"] = direct
+        print(table([{"case": "one request: HTTP + batching / direct Generator.generate",
+                      "http_s": direct["a"]["median"], "direct_s": direct["b"]["median"],
+                      "overhead_s": direct["a"]["median"] - direct["b"]["median"],
+                      "ratio": direct["ratio_a_over_b"]}]))
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+    out = write_result("service-smoke" if args.smoke else "service", results,
+                       params={"steps": steps, "size": args.size, "levels": levels, "model": "tiny:sdxl",
+                               "assistant": "template", "bank": str(args.bank or "random x4")})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

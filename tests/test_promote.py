@@ -1,0 +1,207 @@
+"""The retraining policy without Prefect: change detection, adapter currency, the gate, the bank swap, lineage."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from tipsen import promote
+from tipsen.bank import WEIGHTS_NAME, Bank, build_bank
+from tipsen.config import ConfigError
+from tipsen.io import sha256_file
+
+
+def adapter(folder: Path, value: float, **meta: str) -> Path:
+    """A real safetensors adapter file (a LoRA-shaped tensor and tipsen.* metadata)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"unet.down.lora_A.weight": torch.full((4, 8), value)}, str(folder / WEIGHTS_NAME),
+              metadata={"tipsen.rank": "4", "tipsen.alpha": "4", **{f"tipsen.{k}": v for k, v in meta.items()}})
+    return folder / WEIGHTS_NAME
+
+
+@pytest.fixture()
+def live(tmp_path, registry):
+    """models/{loras/gimjang, loras/sebae, bank.json} and candidates for both."""
+    models = tmp_path / "models"
+    for slug, v in (("gimjang", 1.0), ("sebae", 2.0)):
+        adapter(models / "loras" / slug, v)
+        adapter(models / "candidates" / slug, v + 10)
+    build_bank(models / "loras", models / "bank.json", keywords=["gimjang", "sebae"], registry=registry,
+               base_model="tiny:sdxl")
+    return models
+
+
+def run_promote(models: Path, decisions, registry, **kw) -> dict:
+    return promote.promote(decisions, candidates=models / "candidates", loras=models / "loras",
+                           bank=models / "bank.json", keywords=["gimjang", "sebae"], registry=registry,
+                           base_model="tiny:sdxl", **kw)
+
+
+# ---------------------------------------------------------------- the gate
+
+
+def test_gate_promotes_within_the_margin_and_refuses_beyond_it():
+    assert promote.decide("gimjang", 0.50, 0.50, 0.0).promote  # equal is not worse
+    assert promote.decide("gimjang", 0.495, 0.50, 0.01).promote
+    refused = promote.decide("gimjang", 0.48, 0.50, 0.01)
+    assert not refused.promote and "worse than the margin 0.01" in refused.reason
+    assert not promote.decide("gimjang", 0.49, 0.50, 0.0).promote  # a margin of 0 forbids any drop
+    first = promote.decide("gimjang", 0.10, None, 0.0)
+    assert first.promote and first.reason == "no current adapter"
+    assert not promote.decide("gimjang", float("nan"), 0.50, 1.0).promote  # a broken score never wins
+
+
+def test_promote_installs_the_winner_and_swaps_the_bank_in_one_rename(live, registry, tmp_path, monkeypatch):
+    old_bank = json.loads((live / "bank.json").read_text())
+    candidate = sha256_file(live / "candidates" / "gimjang" / WEIGHTS_NAME)
+    kept = sha256_file(live / "loras" / "sebae" / WEIGHTS_NAME)
+    (tmp_path / "cand-metrics" / "train").mkdir(parents=True)
+    (tmp_path / "cand-metrics" / "train" / "gimjang.csv").write_text("step,loss\n1,0.5\n")
+    reader = open(live / "bank.json", encoding="utf-8")  # a service holding the old index open
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append(Path(dst).name), real_replace(src, dst))[1])
+    decisions = [promote.decide("gimjang", 0.6, 0.5, 0.01), promote.decide("sebae", 0.3, 0.5, 0.01)]
+    out = run_promote(live, decisions, registry, candidate_metrics=tmp_path / "cand-metrics",
+                      metrics=tmp_path / "metrics")
+
+    assert out["promoted"] == ["gimjang"] and list(out["refused"]) == ["sebae"]
+    assert renames.count("bank.json") == 1  # the index changes in exactly one rename
+    assert json.load(reader) == old_bank  # the old index stays whole for whoever had it open
+    reader.close()
+    bank = Bank(live / "bank.json")
+    assert bank.entries["gimjang"].sha256 == candidate and bank.entries["sebae"].sha256 == kept
+    assert bank.verify("gimjang") is None and bank.verify("sebae") is None
+    assert not (live / "candidates" / "gimjang").exists()  # installed
+    assert (live / "candidates" / "sebae" / WEIGHTS_NAME).is_file()  # refused: kept for inspection
+    assert (tmp_path / "metrics" / "train" / "gimjang.csv").read_text().startswith("step,loss")
+    assert sorted(p.name for p in live.iterdir()) == ["bank.json", "candidates", "loras", "promotions.jsonl"]
+    history = [json.loads(line) for line in (live / "promotions.jsonl").read_text().splitlines()]
+    assert [(h["slug"], h["promote"]) for h in history] == [("gimjang", True), ("sebae", False)]
+    assert "worse than" in history[1]["reason"]
+
+
+def test_refusing_every_candidate_leaves_the_bank_untouched(live, registry):
+    before = (live / "bank.json").stat()
+    content = (live / "bank.json").read_bytes()
+    out = run_promote(live, [promote.decide("gimjang", 0.1, 0.5, 0.0)], registry)
+    assert out["promoted"] == [] and out["refused"]["gimjang"].endswith("worse than the margin 0.0")
+    after = (live / "bank.json").stat()
+    assert (live / "bank.json").read_bytes() == content and after.st_ino == before.st_ino
+    assert (live / "promotions.jsonl").read_text().count("\n") == 1
+
+
+# ---------------------------------------------------------------- what changed
+
+
+def test_raw_digests_change_only_for_the_keyword_whose_items_changed(raw_copy, registry):
+    before = promote.raw_digests(raw_copy, registry)
+    assert {"gimjang", "sebae"} <= before.keys() and "pyramid" not in before  # unknown keywords are ignored
+    assert promote.raw_digests(raw_copy, registry) == before  # deterministic
+
+    items = raw_copy / "items.jsonl"
+    first = next(json.loads(line) for line in items.read_text().splitlines() if json.loads(line)["keyword"] == "gimjang")
+    shutil.copy2(raw_copy / first["image"], raw_copy / "images" / "gimjang" / "new.png")
+    with open(items, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "new-1", "keyword": "김장", "image": "images/gimjang/new.png", "text": "새 사진"}) + "\n")
+        f.write(json.dumps({"id": "new-2", "keyword": "pyramid", "image": "images/gimjang/new.png"}) + "\n")
+        f.write(json.dumps({"id": "new-3", "keyword": "sebae", "image": "../../outside.png"}) + "\n")
+        f.write("not json\n")
+    added = promote.raw_digests(raw_copy, registry)
+    assert promote.changed(added, before) == ["gimjang", "sebae"]  # sebae: an item added (its path is not read)
+
+    sebae = next(json.loads(line) for line in items.read_text().splitlines() if json.loads(line)["keyword"] == "sebae")
+    Image.new("RGB", (200, 200), "red").save(raw_copy / sebae["image"], format="PNG")  # same record, new bytes
+    assert promote.changed(promote.raw_digests(raw_copy, registry), added) == ["sebae"]
+    assert promote.changed({"a": "1"}, {"a": "1", "b": "2"}) == ["b"]  # removed entirely
+
+
+def test_state_round_trip_and_a_corrupt_state_file(tmp_path, caplog):
+    path = tmp_path / "models" / ".retrain_state.json"
+    assert promote.load_state(path) == {"raw": {}, "curated": {}}
+    promote.save_state(path, {"raw": {"gimjang": "r"}, "curated": {"gimjang": "c"}})
+    assert promote.load_state(path) == {"raw": {"gimjang": "r"}, "curated": {"gimjang": "c"}}
+    path.write_text("{truncated")
+    with caplog.at_level(logging.WARNING):
+        assert promote.load_state(path) == {"raw": {}, "curated": {}}
+    assert "treating every keyword as changed" in caplog.text
+
+
+def test_folder_digest_sees_names_and_bytes(tmp_path):
+    assert promote.folder_digest(tmp_path / "missing") is None
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.png").write_bytes(b"1")
+    first = promote.folder_digest(tmp_path / "d")
+    (tmp_path / "d" / "a.png").write_bytes(b"2")
+    second = promote.folder_digest(tmp_path / "d")
+    (tmp_path / "d" / "a.png").rename(tmp_path / "d" / "b.png")
+    assert len({first, second, promote.folder_digest(tmp_path / "d")}) == 3
+
+
+def test_adapter_status_compares_the_recorded_data_and_params_hashes(tmp_path, demo_params):
+    from tipsen import train_data as td
+    from tipsen.train import params_hash
+
+    data, r = tmp_path / "curated", demo_params.train.resolution
+    (data / "gimjang").mkdir(parents=True)
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (r, r), (40 * i, 90, 200)).save(data / "gimjang" / f"{i:03d}.png")
+        rows.append({"file_name": f"{i:03d}.png", "split": "train", "prompt": "A photo of Gimjang Tradition",
+                     "text": "김장", "original_size": [r, r], "crop_top_left": [0, 0]})
+    (data / "gimjang" / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    examples = td.load_examples(data, "gimjang", resolution=r)
+    out = tmp_path / "loras" / "gimjang"
+    assert promote.adapter_status(demo_params, "gimjang", data, out) == "no adapter"
+    adapter(out, 1.0, params_hash=params_hash(demo_params), dataset_hash=td.dataset_hash(examples))
+    assert promote.adapter_status(demo_params, "gimjang", data, out) is None
+    more = demo_params.model_copy(update={"train": demo_params.train.model_copy(update={"steps": 31})})
+    assert promote.adapter_status(more, "gimjang", data, out) == "train params or base model changed"
+    Image.new("RGB", (r, r), "white").save(data / "gimjang" / "001.png")
+    assert promote.adapter_status(demo_params, "gimjang", data, out) == "data changed"
+    with pytest.raises(ConfigError, match="metadata.jsonl not found"):
+        promote.adapter_status(demo_params, "sebae", data, tmp_path / "loras" / "sebae")
+
+
+# ---------------------------------------------------------------- lineage
+
+
+def test_record_lineage_commits_what_was_written_and_reruns_what_follows(tmp_path):
+    """A toy DVC pipeline (shell stages): outputs rewritten by hand, as a flow would, then recorded."""
+    repo = tmp_path / "repo"
+    (repo / "data" / "raw").mkdir(parents=True)
+    (repo / "data" / "raw" / "a.txt").write_text("a\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n"
+        "  curate: {cmd: mkdir -p data/curated && cp data/raw/a.txt data/curated/a.txt, deps: [data/raw],"
+        " outs: [data/curated]}\n"
+        "  bank: {cmd: cat data/curated/a.txt > bank.json, deps: [data/curated], outs: [bank.json]}\n"
+        "  evaluate: {cmd: wc -c bank.json > eval.txt, deps: [bank.json], outs: [eval.txt]}\n")
+
+    def dvc(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True,
+                              text=True).stdout
+
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc("init", "-q")
+    dvc("add", "-q", "data/raw")
+    dvc("repro", "-q")
+    (repo / "data" / "raw" / "a.txt").write_text("a\nb\n")  # new raw data, then what the flow would write
+    (repo / "data" / "curated" / "a.txt").write_text("a\nb\n")
+    (repo / "bank.json").write_text("a\nb\n")
+
+    out = promote.record_lineage(repo, [repo / "data" / "raw", repo / "data" / "curated", repo / "bank.json",
+                                        tmp_path / "elsewhere"], downstream_of=repo / "bank.json")
+    assert out["committed"] == ["bank", "curate", "data/raw.dvc"]
+    assert out["untracked"] == [str(tmp_path / "elsewhere")]
+    assert (repo / "eval.txt").read_text().split()[0] == "4"  # the downstream stage reran on the new bank
+    assert out["dvc_status"] == {} and json.loads(dvc("status", "--json")) == {}

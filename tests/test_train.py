@@ -1,0 +1,328 @@
+"""The DreamBooth-LoRA trainer on tiny:sdxl / tiny:sd at 64 px with a handful of steps."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tipsen.bank import WEIGHTS_NAME, adapter_metadata, build_bank
+from tipsen.config import ConfigError
+from tipsen.demodata import motif
+from tipsen.io import sha256_file
+from tipsen.train import CHECKPOINT_NAME, TrainingError, train
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SLUG, OTHER = "yakgwa", "gimjang"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Other processes share this machine's few cores; one intra-op thread keeps OpenMP from spin-waiting
+    # against them. Subprocesses get OMP_NUM_THREADS=1 too, so bitwise comparisons use the same thread count.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_curated(root: Path, slug: str, registry, *, n: int = 4, heldout: int = 1, seed: int = 0, res: int = 64):
+    """Curated-format data for one keyword: motif PNGs at `res` plus metadata.jsonl, as curation writes them."""
+    kw, ki = registry[slug], list(registry.keywords).index(slug)
+    folder = root / slug
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, ki])
+    rows = []
+    for j in range(n + heldout):
+        name = f"{j:03d}.png"
+        motif(ki, rng, res, res).save(folder / name)
+        rows.append({"file_name": name, "slug": slug, "text": f"{kw.ko} 사진 {j}", "prompt": kw.prompt,
+                     "original_size": [200 + j, 300], "crop_top_left": [0, 50], "scores": {"clip": 0.3},
+                     "source_id": f"senior-news/article/{j}", "split": "train" if j < n else "heldout"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                           encoding="utf-8")
+    return root
+
+
+def with_train(params, **train_updates):
+    # model_copy skips validation on purpose: the NaN test needs a learning rate outside the allowed range.
+    return params.model_copy(update={"train": params.train.model_copy(update=train_updates)})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, registry) -> Path:
+    root = tmp_path_factory.mktemp("curated")
+    write_curated(root, SLUG, registry)
+    return root
+
+
+@pytest.fixture(scope="module")
+def quick(demo_params):
+    return with_train(demo_params, steps=4, checkpoint_every=2, log_every=1, validation_seeds=[0, 1], sample_steps=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, quick, data):
+    """One published adapter, shared by the tests that only read it."""
+    tmp = tmp_path_factory.mktemp("trained")
+    logged = []
+    summary = train(quick, SLUG, data, tmp / "models" / "loras" / SLUG, checkpoint_dir=tmp / "ckpt" / SLUG,
+                    metrics_dir=tmp / "metrics", progress=False, log_fn=lambda s, l: logged.append((s, l)))
+    return tmp, summary, logged
+
+
+def test_publishes_a_lora_that_stock_pipelines_load(trained, quick):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from tipsen.models import resolve_ref
+
+    tmp, summary, logged = trained
+    out = tmp / "models" / "loras" / SLUG
+    assert sorted(p.name for p in out.iterdir()) == [WEIGHTS_NAME, "train_summary.json", "validation.png"]
+    keys = list(load_file(out / WEIGHTS_NAME))
+    assert keys and all("lora" in k and k.startswith("unet.") for k in keys)
+    meta = adapter_metadata(out / WEIGHTS_NAME)
+    assert meta["slug"] == SLUG and meta["keyword"] == "Yakgwa" and meta["class_token"] == "Food"
+    assert (meta["rank"], float(meta["alpha"]), meta["steps"]) == ("20", 20.0, "4")
+    assert meta["base_model"] == "tiny:sdxl" and meta["params_hash"] == summary.params_hash
+    assert len(meta["dataset_hash"]) == 64
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(resolve_ref("tiny:sdxl"), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="A photo of Yakgwa Food", num_inference_steps=2, height=64, width=64, output_type="np")
+    before = pipe(generator=torch.Generator().manual_seed(0), **args).images
+    pipe.load_lora_weights(str(out), adapter_name=SLUG, use_safetensors=True)
+    assert SLUG in pipe.get_list_adapters()["unet"]
+    after = pipe(generator=torch.Generator().manual_seed(0), **args).images
+    assert np.abs(after - before).max() > 1e-4  # the adapter changes the output
+
+    s = json.loads((out / "train_summary.json").read_text())
+    assert s["steps"] == 4 and s["device"] == "cpu" and s["peak_memory_bytes"] > 0 and np.isfinite(s["final_loss"])
+    assert s["dataset_hash"] == meta["dataset_hash"] and s["num_images"] == 4  # the heldout image is not trained on
+    from PIL import Image
+
+    assert Image.open(out / "validation.png").size == (2 * 64, 2 * 64)  # 2 seeds x (base, base + LoRA)
+    rows = (tmp / "metrics" / "train" / f"{SLUG}.csv").read_text().splitlines()
+    assert rows[0] == "step,loss" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4]
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    assert not (tmp / "ckpt" / SLUG).exists()  # removed after a successful publish
+
+
+def test_bank_indexes_the_adapter(trained, registry):
+    tmp, summary, _ = trained
+    bank = build_bank(tmp / "models" / "loras", tmp / "models" / "bank.json", keywords=[SLUG], registry=registry,
+                      base_model="tiny:sdxl")
+    (entry,) = bank["adapters"]
+    assert entry["rank"] == 20 and entry["alpha"] == 20.0 and entry["summary"]["params_hash"] == summary.params_hash
+
+
+def test_loss_goes_down(demo_params, data, tmp_path):
+    # Fixed seed, so the run is reproducible; the windows are wide enough that noise from the random
+    # timesteps does not decide the comparison.
+    params = with_train(demo_params, steps=40, checkpoint_every=1000, validation_seeds=[])
+    s = train(params, SLUG, data, tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", metrics_dir=tmp_path,
+              progress=False)
+    losses = [float(r.split(",")[1]) for r in (tmp_path / "train" / f"{SLUG}.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 40 and s.final_loss == pytest.approx(losses[-1], rel=1e-5)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.03
+
+
+def test_deterministic_and_seed_sensitive(quick, data, tmp_path, trained):
+    params = with_train(quick, validation_seeds=[])
+    a = train(params, SLUG, data, tmp_path / "a", checkpoint_dir=tmp_path / "ca", progress=False)
+    b = train(with_train(params, seed=1), SLUG, data, tmp_path / "b", checkpoint_dir=tmp_path / "cb", progress=False)
+    first = trained[0] / "models" / "loras" / SLUG / WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    ta, t0, tb = (load_file(p / WEIGHTS_NAME) if p.is_dir() else load_file(p)
+                  for p in (tmp_path / "a", first, tmp_path / "b"))
+    assert all(torch.equal(ta[k], t0[k]) for k in t0)  # the validation grid does not touch the weights
+    assert sha256_file(tmp_path / "a" / WEIGHTS_NAME) != sha256_file(tmp_path / "b" / WEIGHTS_NAME)
+    assert a.encoded == 0 and b.encoded == 0  # latents and prompt embeddings came from the disk cache
+
+
+def test_uncached_path_trains_the_same(quick, data, tmp_path):
+    params = with_train(quick, validation_seeds=[])
+    cached = train(params, SLUG, data, tmp_path / "a", checkpoint_dir=tmp_path / "ca", metrics_dir=tmp_path / "ma",
+                   progress=False)
+    fresh = train(params, SLUG, data, tmp_path / "b", checkpoint_dir=tmp_path / "cb", metrics_dir=tmp_path / "mb",
+                  cache=False, progress=False)
+    assert not cached.encoded and fresh.cache is False
+    la, lb = ((tmp_path / m / "train" / f"{SLUG}.csv").read_text() for m in ("ma", "mb"))
+    assert la == lb  # same losses to the printed 6 digits
+
+
+def test_crash_resumes_from_checkpoint_of_the_same_run_only(quick, data, tmp_path):
+    params = with_train(quick, validation_seeds=[])
+    ckpt = tmp_path / "ckpt"
+
+    def crash(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(params, SLUG, data, tmp_path / "out", checkpoint_dir=ckpt, progress=False, log_fn=crash)
+    assert (ckpt / CHECKPOINT_NAME).is_file() and not (tmp_path / "out").exists()
+    other = train(with_train(params, seed=5), SLUG, data, tmp_path / "other", checkpoint_dir=ckpt, progress=False)
+    assert other.resumed_from == 0  # a checkpoint of another run key is ignored, then removed
+    with pytest.raises(KeyboardInterrupt):
+        train(params, SLUG, data, tmp_path / "out", checkpoint_dir=ckpt, progress=False, log_fn=crash)
+    resumed = train(params, SLUG, data, tmp_path / "out", checkpoint_dir=ckpt, progress=False)
+    assert resumed.resumed_from == 2
+    straight = train(params, SLUG, data, tmp_path / "ref", checkpoint_dir=tmp_path / "c2", progress=False)
+    assert sha256_file(tmp_path / "out" / WEIGHTS_NAME) == sha256_file(tmp_path / "ref" / WEIGHTS_NAME)
+    assert straight.final_loss == resumed.final_loss
+
+
+def test_nan_loss_names_the_step_and_publishes_nothing(quick, data, tmp_path):
+    out = tmp_path / "loras" / SLUG
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("previous adapter")
+    with pytest.raises(TrainingError, match=r"step \d+: loss is (nan|inf)"):
+        train(with_train(quick, learning_rate=1e30, checkpoint_every=1000), SLUG, data, out,
+              checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the previous output is untouched
+    assert [p.name for p in out.parent.iterdir()] == [SLUG]  # no temporary directory is left behind
+
+
+def test_bad_data_is_a_one_line_config_error(quick, data, tmp_path, registry):
+    with pytest.raises(ConfigError, match="unknown keyword 'nosuch'"):
+        train(quick, "nosuch", data, tmp_path / "o")
+    with pytest.raises(ConfigError, match="metadata.jsonl not found"):
+        train(quick, OTHER, data, tmp_path / "o")
+    bad = write_curated(tmp_path / "bad", SLUG, registry, res=32)
+    with pytest.raises(ConfigError, match="needs RGB 64x64"):
+        train(quick, SLUG, bad, tmp_path / "o")
+    meta = bad / SLUG / "metadata.jsonl"
+    meta.write_text(meta.read_text().replace('"split": "train"', '"split": "heldout"'))
+    with pytest.raises(ConfigError, match="no split=train images"):
+        train(quick, SLUG, bad, tmp_path / "o")
+    meta.write_text('{"file_name": "../../etc/passwd", "split": "train", "prompt": "x", '
+                    '"original_size": [1, 1], "crop_top_left": [0, 0]}\n')
+    with pytest.raises(ConfigError, match="not a file inside"):
+        train(quick, SLUG, bad, tmp_path / "o")
+
+
+def test_cli_errors_are_one_line(data, tmp_path, capsys):
+    from tipsen.cli import main
+
+    for argv, needle in [(["nosuch"], "unknown keyword 'nosuch'"),
+                         ([OTHER, "--data", str(data)], "metadata.jsonl not found"),
+                         ([SLUG, "--data", str(data), "--steps", "0"], "--steps")]:
+        assert main(["train", *argv, "--params", str(ROOT / "params.yaml"), "--profile", "demo",
+                     "--out", str(tmp_path / "o"), "--metrics", str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tipsen train: error:") and needle in err[0], err
+
+
+def test_sd15_pipeline_and_text_encoder_lora_with_prior(demo_params, data, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from tipsen.models import cache_dir, resolve_ref
+
+    params = with_train(demo_params.model_copy(update={"models": demo_params.models.model_copy(
+        update={"base": "tiny:sd"})}), steps=2, validation_seeds=[0], sample_steps=2, train_text_encoder=True,
+        prior_preservation=True, num_class_images=2)
+    summary = train(params, SLUG, data, tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", progress=False)
+    keys = load_file(tmp_path / "out" / WEIGHTS_NAME)
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    assert summary.num_images == 4 and list((cache_dir() / "cache" / "class_images").glob("*/00001.png"))
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_ref("tiny:sd"), use_safetensors=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(tmp_path / "out"), use_safetensors=True)
+    assert pipe.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}
+
+
+def _params_file(path: Path, keywords: list[str], **train_updates) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw["profile"], raw["keywords"] = "demo", keywords
+    raw["profiles"]["demo"]["train"].update(train_updates)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "DVC_NO_ANALYTICS": "1"}
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(data, tmp_path):
+    from safetensors.torch import load_file
+
+    from tipsen.config import load_params
+
+    params_file = _params_file(tmp_path / "params.yaml", [SLUG], steps=10, checkpoint_every=2, validation_seeds=[])
+    out, ckpt = tmp_path / "models" / "loras" / SLUG, tmp_path / "ckpt"
+    cmd = [str(BIN / "tipsen"), "train", SLUG, "--params", str(params_file), "--data", str(data), "--out", str(out),
+           "--checkpoint-dir", str(ckpt), "--metrics", str(tmp_path / "metrics"), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (ckpt / CHECKPOINT_NAME).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists()  # nothing half-written at the output path
+
+    done = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] >= 2 and summary["resumed_from"] % 2 == 0 and not ckpt.exists()
+    rows = (tmp_path / "metrics" / "train" / f"{SLUG}.csv").read_text().splitlines()
+    assert len(rows) == 11  # the loss log is whole across the kill
+
+    ref = train(load_params(params_file), SLUG, data, tmp_path / "ref", checkpoint_dir=tmp_path / "c2", progress=False)
+    assert ref.resumed_from == 0
+    a, b = load_file(out / WEIGHTS_NAME), load_file(tmp_path / "ref" / WEIGHTS_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sha256_file(out / WEIGHTS_NAME) == sha256_file(tmp_path / "ref" / WEIGHTS_NAME)  # across processes too
+
+
+@pytest.mark.slow
+def test_dvc_repro_retrains_only_the_keyword_whose_data_changed(tmp_path, registry):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["train"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}, sort_keys=False), encoding="utf-8")
+    for dep in stage["do"]["deps"]:
+        if dep.startswith("tipsen/"):  # code deps are copied; the command runs the installed package
+            (repo / dep).parent.mkdir(parents=True, exist_ok=True)
+            (repo / dep).write_bytes((ROOT / dep).read_bytes())
+    _params_file(repo / "params.yaml", [SLUG, OTHER], steps=2, checkpoint_every=1, validation_seeds=[0], sample_steps=1)
+    for slug in (SLUG, OTHER):
+        write_curated(repo / "data" / "curated", slug, registry, n=2, heldout=0)
+
+    def sh(*args):
+        done = subprocess.run(args, cwd=repo, env=_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout + done.stderr
+
+    sh("git", "init", "-q")
+    sh(str(BIN / "dvc"), "init", "-q")
+    first = sh(str(BIN / "dvc"), "repro")
+    assert f"Running stage 'train@{SLUG}'" in first and f"Running stage 'train@{OTHER}'" in first
+    other_weights = sha256_file(repo / "models" / "loras" / OTHER / WEIGHTS_NAME)
+    assert (repo / "metrics" / "train" / f"{SLUG}.csv").is_file()
+
+    write_curated(repo / "data" / "curated", SLUG, registry, n=2, heldout=0, seed=1)  # new images for one keyword
+    second = sh(str(BIN / "dvc"), "repro")
+    assert f"Running stage 'train@{SLUG}'" in second and f"Running stage 'train@{OTHER}'" not in second
+    assert sha256_file(repo / "models" / "loras" / OTHER / WEIGHTS_NAME) == other_weights
+
+    _params_file(repo / "params.yaml", [SLUG, OTHER], steps=2, checkpoint_every=1, validation_seeds=[0],
+                 sample_steps=1, seed=3)  # a shared training param: every keyword is stale
+    status = sh(str(BIN / "dvc"), "status")
+    assert f"train@{SLUG}" in status and f"train@{OTHER}" in status
