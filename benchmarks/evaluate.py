@@ -93,9 +93,14 @@ def main() -> None:
         results["demo"] = {"keywords": len(keywords), "methods": len(ev.methods), "images": images,
                            "cold": demo, "cached_rerun": cached, "images_per_s_cold": images / demo["median"]}
         pair = paired(lambda: run(2 * n, cold=True), lambda: run(n, cold=True), reps=reps, warmup=0)
-        results["scaling"] = {"n": n, "time_n": pair["b"], "time_2n": pair["a"], "ratio_2n_over_n": pair["ratio_a_over_b"],
-                              "marginal_s_per_image": (pair["a"]["median"] - pair["b"]["median"])
-                              / (n * len(keywords) * len(ev.methods))}
+        per_n = n * len(keywords) * len(ev.methods)  # images generated per N
+        t_n, t_2n = pair["b"]["median"], pair["a"]["median"]
+        t_4n = timeit(lambda: run(4 * n, cold=True), reps=1, warmup=0)["median"]
+        results["scaling"] = {
+            "n": n, "images_n": per_n, "time_n": pair["b"], "time_2n": pair["a"], "time_4n": t_4n,
+            "ratio_2n_over_n": pair["ratio_a_over_b"], "marginal_s_per_image": (t_2n - t_n) / per_n,
+            # t = a + b*N + c*N^2 gives an increment ratio of 2 when c = 0 (linear) and 4 when b = 0 (quadratic)
+            "increment_ratio": (t_4n - t_2n) / (t_2n - t_n) if t_2n > t_n else None}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -108,7 +113,10 @@ def main() -> None:
                   "min": s["time_n"]["min"], "max": s["time_n"]["max"]},
                  {"run": f"2N={2 * n}", "images": 2 * n * k * len(ev.methods), "seconds": s["time_2n"]["median"],
                   "min": s["time_2n"]["min"], "max": s["time_2n"]["max"]}]))
-    print(f"\n2N/N time ratio x{s['ratio_2n_over_n']:.2f} (linear: <= 2; quadratic: ~4); "
+    inc = s["increment_ratio"]
+    print(f"\n4N: {s['time_4n']:.2f} s; increment ratio (t4N-t2N)/(t2N-tN) = {inc if inc is None else round(inc, 2)} "
+          "(2 for linear, 4 for quadratic)")
+    print(f"2N/N time ratio x{s['ratio_2n_over_n']:.2f} (fixed model loads included: <= 2 when linear); "
           f"marginal {s['marginal_s_per_image'] * 1000:.0f} ms per image; "
           f"cached rerun {d['cold']['median'] / d['cached_rerun']['median']:.1f}x faster than cold")
     path = write_result("evaluate" + ("-smoke" if args.smoke else ""), results, params={

@@ -12,6 +12,7 @@ import gc
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from benchmarks.common import paired, summarize, table, write_result
@@ -34,8 +35,10 @@ def make_bank(out: Path, slugs: list[str], rank: int, registry) -> Path:
     unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
     for i, slug in enumerate(slugs):
         torch.manual_seed(i)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                    init_lora_weights=False), adapter_name=slug)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                        init_lora_weights=False), adapter_name=slug)
         with torch.no_grad():
             for name, param in unet.named_parameters():
                 if f"lora_B.{slug}." in name:

@@ -43,10 +43,10 @@ def train_flow(keywords: list[str] | None = None, data: str = CURATED, loras: st
     set), then index the adapters into `bank` (default: beside `loras`). A failing keyword never stops the others."""
     params = tasks.config(params_file, profile)
     slugs, pool = tasks.keywords(params, keywords), params.flows.work_pool
-    train, n = tasks.with_retries(tasks.train_keyword, params.flows), params.flows.train_concurrency
-    # Pool runs only wait, so threads; local training gets a process per worker: loading a diffusers pipeline
-    # is not thread-safe (the meta-device init is process-global), and each keyword gets its own memory.
-    with (ThreadPoolTaskRunner(max_workers=n) if pool else ProcessPoolTaskRunner(max_workers=n)) as runner:
+    train, n = tasks.with_retries(tasks.train_keyword, params.flows), min(params.flows.train_concurrency, len(slugs))
+    # Pool runs only wait, so threads. Concurrent local training needs processes: loading a diffusers pipeline is
+    # not thread-safe (its meta-device init is process-global); one keyword at a time runs in this process.
+    with (ThreadPoolTaskRunner(max_workers=n) if pool or n == 1 else ProcessPoolTaskRunner(max_workers=n)) as runner:
         if pool:
             futures = {s: runner.submit(tasks.train_on_pool, {
                 "deployment": f"{train_keyword_flow.name}/{pool}", "slug": s,

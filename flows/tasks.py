@@ -138,10 +138,9 @@ def gate_scores(params: Params, slugs: list[str], *, candidate_bank: str, bank: 
     """[candidate, current] per keyword, on the same held-out images and seeds; current is None without an adapter."""
     scores = {}
     for slug in slugs:
-        current = promote.score_key(Path(bank), Path(curated), slug)
-        scores[slug] = [
-            score_adapter(params, slug, candidate_bank, curated, promote.score_key(Path(candidate_bank), Path(curated), slug)),
-            score_adapter(params, slug, bank, curated, current) if current else None]
+        new, live = (promote.score_key(Path(b), Path(curated), slug) for b in (candidate_bank, bank))
+        scores[slug] = [score_adapter(params, slug, candidate_bank, curated, new),
+                        score_adapter(params, slug, bank, curated, live) if live else None]
     return scores
 
 

@@ -276,6 +276,10 @@ def test_outputs_exist_and_are_valid(first, setup):
     # the first image of each generated cache file is a PNG at the model's native size
     pngs = sorted((setup / "cache" / "images").rglob("*.png"))
     assert len(pngs) == 3 * 2 * 2 and Image.open(pngs[0]).size == (64, 64)
+    specs = [json.loads(Image.open(p).text["tipsen"]) for p in pngs]
+    refined = [s["prompt"] for s in specs if s["assist"] is not None]  # the assistant's prompts, one per seed
+    assert len(refined) == 4 and all(p.startswith("A realistic photo of") for p in refined)
+    assert {s["prompt"] for s in specs if s["assist"] is None} == {"A photo of Gimjang Tradition", "A photo of Yakgwa Food"}
 
 
 def test_score_matches_an_independent_clip_computation(first, setup):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,9 @@ def lora_root(tmp_path_factory, registry) -> Path:
         torch.manual_seed(100 + i)
         config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                             init_lora_weights=False)  # random lora_B: each adapter visibly changes the output
-        unet.add_adapter(config, adapter_name=slug)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters, on purpose
+            unet.add_adapter(config, adapter_name=slug)
         with torch.no_grad():
             for name, param in unet.named_parameters():
                 if f"lora_B.{slug}." in name:
@@ -94,7 +97,7 @@ def test_routed_prompt_and_metadata(gen):
         {"prompt": "a quiet morning by the sea", "seed": 1, "steps": STEPS}])
     meta = routed.metadata
     assert meta["keyword"] == meta["adapter"] == "gimjang"
-    assert meta["route"] == {"slug": "gimjang", "matched": "김장하", "source": "alias"}  # the longest alias
+    assert meta["route"] == {"slug": "gimjang", "matched": "김장하", "source": "alias"}  # longest alias
     assert meta["prompt"] == "A photo of Gimjang Tradition, 어릴 적 김장하던 날"  # keyword, class token, own words
     assert (meta["seed"], meta["steps"], meta["guidance"], meta["lora_scale"]) == (1, STEPS, 5.0, 0.7)
     assert (meta["width"], meta["height"], meta["model"]) == (64, 64, "tiny:sdxl")

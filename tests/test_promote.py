@@ -109,17 +109,19 @@ def test_raw_digests_change_only_for_the_keyword_whose_items_changed(raw_copy, r
     assert promote.raw_digests(raw_copy, registry) == before  # deterministic
 
     items = raw_copy / "items.jsonl"
-    first = next(json.loads(line) for line in items.read_text().splitlines() if json.loads(line)["keyword"] == "gimjang")
+    rows = [json.loads(line) for line in items.read_text().splitlines()]
+    first = next(r for r in rows if r["keyword"] == "gimjang")
     shutil.copy2(raw_copy / first["image"], raw_copy / "images" / "gimjang" / "new.png")
     with open(items, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"id": "new-1", "keyword": "김장", "image": "images/gimjang/new.png", "text": "새 사진"}) + "\n")
+        new = {"id": "new-1", "keyword": "김장", "image": "images/gimjang/new.png", "text": "사진"}  # Korean alias
+        f.write(json.dumps(new, ensure_ascii=False) + "\n")
         f.write(json.dumps({"id": "new-2", "keyword": "pyramid", "image": "images/gimjang/new.png"}) + "\n")
         f.write(json.dumps({"id": "new-3", "keyword": "sebae", "image": "../../outside.png"}) + "\n")
         f.write("not json\n")
     added = promote.raw_digests(raw_copy, registry)
     assert promote.changed(added, before) == ["gimjang", "sebae"]  # sebae: an item added (its path is not read)
 
-    sebae = next(json.loads(line) for line in items.read_text().splitlines() if json.loads(line)["keyword"] == "sebae")
+    sebae = next(r for r in rows if r["keyword"] == "sebae")
     Image.new("RGB", (200, 200), "red").save(raw_copy / sebae["image"], format="PNG")  # same record, new bytes
     assert promote.changed(promote.raw_digests(raw_copy, registry), added) == ["sebae"]
     assert promote.changed({"a": "1"}, {"a": "1", "b": "2"}) == ["b"]  # removed entirely

@@ -344,28 +344,33 @@ def summarize(runs: list[Run], rows: list[dict], *, params: Params, slugs: list[
     boot = dict(samples=ev.bootstrap, seed=ev.seed)
     per = {r.spec.name: {k: np.array([x[k] for x in rows if x["method"] == r.spec.name], dtype=float)
                          for k in ("clip_align", "dino_align", "clip_t", "diversity")} for r in runs}
+    ids: dict[str, str] = {}
+    for r in runs:  # JSON keys for dvc; distinct even where two names slugify alike
+        key = method_id(r.spec.name)
+        ids[r.spec.name] = key if key not in ids.values() else f"{key}_{len(ids) + 1}"
     methods = {}
     for r in runs:
         entry = {"name": r.spec.name, **r.spec.model_dump(exclude={"name"})}
         if r.error is not None:
             # "reason", not "error": dvc metrics show takes an "error" key for a file it failed to read
-            methods[method_id(r.spec.name)] = {**entry, "status": "failed", "reason": r.error}
+            methods[ids[r.spec.name]] = {**entry, "status": "failed", "reason": r.error}
             continue
         v = per[r.spec.name]
         mean, std = metrics.mean_std(v["clip_align"])
         ci = metrics.bootstrap_ci(v["clip_align"], **boot)
-        methods[method_id(r.spec.name)] = {
+        methods[ids[r.spec.name]] = {
             **entry, "status": "ok", "clip_align_mean": _r(mean), "clip_align_std": _r(std),
-            "ci95": [_r(c) for c in ci] if ci else None, "diversity_mean": _r(np.nanmean(v["diversity"])),
-            "dino_align_mean": _r(v["dino_align"].mean()) if not np.isnan(v["dino_align"]).any() else None,
-            "clip_t_mean": _r(v["clip_t"].mean()), "keywords": len(slugs)}
+            "ci95": [_r(c) for c in ci] if ci else None, "diversity_mean": _r(v["diversity"].mean()),
+            "dino_align_mean": _r(v["dino_align"].mean()), "clip_t_mean": _r(v["clip_t"].mean()),
+            "keywords": len(slugs)}
     comparisons = {}
     specs = [r.spec for r in runs]
     for i, j in comparison_pairs(specs):
         if runs[i].error is None and runs[j].error is None:
-            cmp = metrics.paired(per[specs[i].name]["clip_align"], per[specs[j].name]["clip_align"], **boot)
-            comparisons[f"{method_id(specs[i].name)}_vs_{method_id(specs[j].name)}"] = {
-                "a": specs[i].name, "b": specs[j].name, "metric": "clip_align", **cmp,
+            a, b = specs[i].name, specs[j].name
+            cmp = metrics.paired(per[a]["clip_align"], per[b]["clip_align"], **boot)
+            comparisons[f"{ids[a]}_vs_{ids[b]}"] = {
+                "a": a, "b": b, "metric": "clip_align", **cmp,
                 "mean_diff": _r(cmp["mean_diff"]), "ci95": [_r(c) for c in cmp["ci95"]] if cmp["ci95"] else None}
     return methods, comparisons
 

@@ -144,9 +144,10 @@ class Generator:
         sizes = {}
         for name in ("width", "height"):
             value = getattr(req, name) or getattr(cfg, name) or self.native
-            allowed = f"allowed: multiples of 8 from {cfg.min_size} to {cfg.max_size}"
             if value % 8 or not cfg.min_size <= value <= cfg.max_size:
-                raise ConfigError(f"{name}: {value} {'is not a multiple of 8' if value % 8 else 'is out of bounds'}; {allowed}")
+                problem = "is not a multiple of 8" if value % 8 else "is out of bounds"
+                raise ConfigError(f"{name}: {value} {problem}; allowed: multiples of 8 from {cfg.min_size} "
+                                  f"to {cfg.max_size}")
             sizes[name] = value
         return req.model_copy(update=dict(
             prompt=prompt, keyword=req.keyword or None, steps=req.steps or cfg.steps,
