@@ -11,9 +11,10 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
-from benchmarks.common import paired, table, timeit, write_result
+from benchmarks.common import paired, summarize, table, timeit, write_result
 
 SIZES = {"1x": 15, "2x": 32, "4x": 67}  # clean items per keyword: about 506, 999 and 2014 items in all
 SMOKE_SIZES = {"1x": 2, "2x": 5}
@@ -70,6 +71,13 @@ def hash_index(n: int, threshold: int = 8, bits: int = 256) -> dict:
     return {"n": n, "index_s": timeit(indexed, reps=3)["median"], "all_pairs_s": timeit(all_pairs, reps=1)["median"]}
 
 
+def measure(params, raw: Path, out: Path, **update) -> tuple[float, float]:
+    """Wall seconds, and this process's CPU seconds (all of it when workers=1: pool workers aren't counted)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run_curate(params, raw, out, **update)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="smallest sizes, one repetition")
@@ -81,52 +89,55 @@ def main() -> None:
 
     params = load_params(Path(__file__).resolve().parent.parent / "params.yaml", profile="demo")
     sizes = SMOKE_SIZES if args.smoke else SIZES
-    reps = 1 if args.smoke else 3
+    reps = 1 if args.smoke else 2
     root = Path(tempfile.mkdtemp(prefix="curate-bench-"))
-    rows, results = [], {"throughput": [], "workers": {}, "hash_index": [], "load_average_at_start": os.getloadavg()}
+    results = {"throughput": [], "workers": {}, "hash_index": [], "load_average_at_start": os.getloadavg()}
     try:
-        demo_raw, demo_n = export(root, 14 if not args.smoke else 2)
+        demo_raw, demo_n = export(root, 2 if args.smoke else 14)
         sets = [("demo", demo_raw, demo_n)] + [(k, *export(root, pk)) for k, pk in sizes.items()]
+        measure(params, demo_raw, root / "out")  # warm-up: imports, the tiny CLIP, the fork server
+        walls: dict = {}
+        for rep in range(reps):  # rounds over every set, so that drift in machine load hits them all alike
+            for name, raw, n in sets[rep % len(sets):] + sets[:rep % len(sets)]:
+                for relevance in (True, False):
+                    walls.setdefault((name, relevance), []).append(measure(params, raw, root / "out",
+                                                                           relevance=relevance)[0])
         for name, raw, n in sets:
             for relevance in (True, False):
-                t = timeit(lambda: run_curate(params, raw, root / "out", relevance=relevance),
-                           reps=reps if n < 1500 else max(1, reps - 1), warmup=1 if name == "demo" else 0)
-                row = {"set": name, "images": n, "relevance": relevance, "seconds": t["median"],
-                       "min": t["min"], "max": t["max"], "images_per_s": n / t["median"]}
-                results["throughput"].append(row)
-                rows.append(row)
-        base = {r["relevance"]: r for r in results["throughput"] if r["set"] == "1x"}
-        for r in results["throughput"]:
-            if r["set"] != "demo":
-                r["time_ratio_vs_1x"] = r["seconds"] / base[r["relevance"]]["seconds"]
-                r["image_ratio_vs_1x"] = r["images"] / base[r["relevance"]]["images"]
-        for relevance in (True, False):  # seconds = fixed + per_image * images over 1x/2x/4x
-            pts = [(r["images"], r["seconds"]) for r in results["throughput"]
-                   if r["set"] != "demo" and r["relevance"] is relevance]
-            results["linear_fit" + ("" if relevance else "_no_relevance")] = fit(pts)
+                wall = summarize(walls[(name, relevance)])
+                cpu = measure(params, raw, root / "out", relevance=relevance, workers=1)[1]
+                results["throughput"].append({
+                    "set": name, "images": n, "relevance": relevance, "seconds": wall["median"], "min": wall["min"],
+                    "max": wall["max"], "images_per_s": n / wall["median"], "cpu_s_1_worker": cpu,
+                    "cpu_ms_per_image": 1000 * cpu / n})
+        for relevance in (True, False):  # seconds = fixed + per_image * images, over 1x/2x/4x
+            rows = [r for r in results["throughput"] if r["set"] != "demo" and r["relevance"] is relevance]
+            key = "" if relevance else "_no_relevance"
+            results["linear_fit_cpu" + key] = fit([(r["images"], r["cpu_s_1_worker"]) for r in rows])
+            results["linear_fit_wall" + key] = fit([(r["images"], r["seconds"]) for r in rows])
         pair = paired(lambda: run_curate(params, demo_raw, root / "out", workers=1, relevance=False),
                       lambda: run_curate(params, demo_raw, root / "out", workers=2, relevance=False),
-                      reps=reps, warmup=0 if args.smoke else 1)
+                      reps=max(2, reps), warmup=0)
         results["workers"] = {"images": demo_n, "one_worker": pair["a"], "two_workers": pair["b"],
                               "speedup": pair["ratio_a_over_b"]}
         for n in ((500, 1000) if args.smoke else (1000, 2000, 4000)):
             results["hash_index"].append(hash_index(n))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    results["load_average_at_end"] = os.getloadavg()
 
-    print(table([{k: r[k] for k in ("set", "images", "relevance", "seconds", "min", "max", "images_per_s")}
-                 | {"x_time": r.get("time_ratio_vs_1x", ""), "x_images": r.get("image_ratio_vs_1x", "")}
-                 for r in rows]))
+    print(table(results["throughput"]))
+    for key in ("linear_fit_cpu", "linear_fit_cpu_no_relevance", "linear_fit_wall", "linear_fit_wall_no_relevance"):
+        f = results[key]
+        print(f"{key}: {f['fixed_s']:.2f} s + {f['per_image_ms']:.2f} ms/image (r2 {f['r2']:.4f})")
     w = results["workers"]
     print(f"\nworkers, {w['images']} images without CLIP: 1 worker {w['one_worker']['median']:.2f} s, "
           f"2 workers {w['two_workers']['median']:.2f} s, speed-up x{w['speedup']:.2f}")
-    for key in ("linear_fit", "linear_fit_no_relevance"):
-        f = results[key]
-        print(f"{key}: {f['fixed_s']:.2f} s + {f['per_image_ms']:.2f} ms/image (r2 {f['r2']:.4f})")
     print("\n" + table(results["hash_index"]))
+    print(f"\nload average: {results['load_average_at_start']} at start, {results['load_average_at_end']} at end")
     path = write_result("curate" + ("-smoke" if args.smoke else ""), results,
                         params={"sizes": sizes, "reps": reps, "curate": params.curate.model_dump(),
-                                "clip": params.models.clip, "load_average_at_end": os.getloadavg()})
+                                "clip": params.models.clip})
     print(f"\nwrote {path}")
 
 

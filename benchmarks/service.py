@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from benchmarks.common import paired, summarize, table, write_result
+from benchmarks.common import paired, table, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 SLUGS = ["gimjang", "yakgwa", "songpyeon", "kimbap"]

@@ -48,6 +48,13 @@ def items_of(raw: Path) -> list[dict]:
     return out
 
 
+def by_image(raw: Path) -> dict[str, str]:
+    ids: dict[str, str] = {}
+    for it in items_of(raw):
+        ids.setdefault(it["image"], it["id"])
+    return ids
+
+
 def rows_of(out: Path) -> list[dict]:
     return [json.loads(line) for m in sorted(out.glob("*/metadata.jsonl"))
             for line in m.read_text(encoding="utf-8").splitlines()]
@@ -88,10 +95,11 @@ def add_mess(raw: Path) -> dict[str, str]:
     extra = raw / "images" / "extra"
     extra.mkdir()
 
-    def add(id_, keyword, name, data, reason):
+    def add(id_, keyword, name, data, reason, image=None):
         if data is not None:
             (extra / name).write_bytes(data)
-        lines.append(json.dumps({"id": id_, "keyword": keyword, "image": f"images/extra/{name}", "text": "추가"}))
+        image = image or f"images/extra/{name}"
+        lines.append(json.dumps({"id": id_, "keyword": keyword, "image": image, "text": "추가"}))
         expected[id_] = reason
 
     # Tiny files that decode to more than max_pixels (1e6 here): Pillow's warning range, then its error range.
@@ -102,7 +110,8 @@ def add_mess(raw: Path) -> dict[str, str]:
     idat = data.find(b"IDAT")
     data[idat + 40:idat + 240] = bytes(b ^ 0x5A for b in data[idat + 40:idat + 240])
     add("x-corrupt", "hanok", "corrupt.png", bytes(data), "corrupt")
-    add("x-escape", "hanok", "../../items.jsonl", None, "bad_path")
+    add("x-escape", "hanok", None, None, "bad_path", image="../outside.png")
+    add("x-absolute", "hanok", None, None, "bad_path", image="/etc/hostname")
     (extra / "link.png").symlink_to("/etc/hostname")
     add("x-symlink", "hanok", "link.png", None, "bad_path")
     add("ks-00000", "hanok", "dup-id.png", png(Image.new("RGB", (100, 100))), "duplicate_id")
@@ -146,26 +155,26 @@ def small_params(demo_params):
 
 def test_every_rejection_reason_on_real_files(messy):
     res, raw = outcome(messy["out"]), messy["raw"]
-    by_image = {it["image"]: it["id"] for it in items_of(raw)}
+    ids = by_image(raw)
     for id_, reason in messy["expected"].items():
         if id_ == "ks-00000":  # the repeated id; its first occurrence is an ordinary item
             assert res["ks-00000 (duplicate_id)"][:2] == ("hanok", "duplicate_id")
         elif id_ == "x-near-cross":
-            pair = [res[id_], res[by_image["images/yakgwa/002.png"]]]
+            pair = [res[id_], res[ids["images/yakgwa/002.png"]]]
             assert sorted(p[1] for p in pair) == ["kept", "near_duplicate"], pair
         elif reason == "resolved":
             assert res[id_][0] == "yaksik"  # through the Korean alias 약밥
         else:
             assert res[id_][1] == reason, (id_, res[id_])
     planted = {"small": "too_small", "extreme_aspect": "extreme_aspect", "blurry": "blurry"}
-    for image, id_ in by_image.items():
+    for image, id_ in ids.items():
         kind = Path(image).stem.rsplit("-", 1)[0]
         if kind in planted:
             assert res[id_][1] == planted[kind], (image, res[id_])
-    assert res[by_image["images/misc/truncated.jpg"]][1] == "truncated"
-    assert res[by_image["images/misc/not-an-image.jpg"]][1] == "not_an_image"
-    assert res[by_image["images/misc/missing.png"]][1] == "missing_file"
-    assert res[by_image["images/misc/unknown-keyword.png"]][:2] == ("_unassigned", "unknown_keyword")
+    assert res[ids["images/misc/truncated.jpg"]][1] == "truncated"
+    assert res[ids["images/misc/not-an-image.jpg"]][1] == "not_an_image"
+    assert res[ids["images/misc/missing.png"]][1] == "missing_file"
+    assert res[ids["images/misc/unknown-keyword.png"]][:2] == ("_unassigned", "unknown_keyword")
     report = messy["report"]
     assert report.unassigned.reasons == {"bad_record": 3, "unknown_keyword": 1}
     lines = (raw / "items.jsonl").read_text("utf-8").splitlines()
@@ -180,21 +189,21 @@ def test_every_rejection_reason_on_real_files(messy):
 
 def test_duplicates_within_and_across_keywords(messy):
     res, raw = outcome(messy["out"]), messy["raw"]
-    by_image = {it["image"]: it["id"] for it in items_of(raw)}
+    ids = by_image(raw)
 
     def one_kept(a: str, b: str, reason: str) -> None:
         (ga, ra, da), (gb, rb, db) = res[a], res[b]
         assert sorted([ra, rb]) == sorted(["kept", reason]), (a, res[a], b, res[b])
         assert (da if ra == reason else db).endswith(b if ra == reason else a)  # names the copy that was kept
 
-    one_kept(by_image["images/misc/cross-keyword-copy.png"], by_image["images/yakgwa/000.png"], "exact_duplicate")
-    assert res[by_image["images/misc/cross-keyword-copy.png"]][0] == "ganggangsullae"  # filed under another keyword
-    dups = [(image, f"{Path(image).parent}/001.jpg") for image in by_image if Path(image).stem == "dup-1"]
+    one_kept(ids["images/misc/cross-keyword-copy.png"], ids["images/yakgwa/000.png"], "exact_duplicate")
+    assert res[ids["images/misc/cross-keyword-copy.png"]][0] == "ganggangsullae"  # filed under another keyword
+    dups = [(image, f"{Path(image).parent}/001.jpg") for image in ids if Path(image).stem == "dup-1"]
     assert len(dups) == 5
     for copy, original in dups:
-        one_kept(by_image[copy], by_image[original], "exact_duplicate")
+        one_kept(ids[copy], ids[original], "exact_duplicate")
     # The demo's near copies (brightened, re-encoded JPEG): the hash must find most of them.
-    nears = [(by_image[i], by_image[f"{Path(i).parent}/000.png"]) for i in by_image if Path(i).stem == "near-0"]
+    nears = [(ids[i], ids[f"{Path(i).parent}/000.png"]) for i in ids if Path(i).stem == "near-0"]
     found = [p for p in nears if "near_duplicate" in (res[p[0]][1], res[p[1]][1])]
     assert len(found) >= 3, [(p, res[p[0]], res[p[1]]) for p in nears]
     for a, b in found:
@@ -242,7 +251,7 @@ def _mse(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_modes_and_orientation_become_correct_rgb(messy):
     raw, out = messy["raw"], messy["out"]
-    src = {it["id"]: raw / it["image"] for it in items_of(raw)}
+    src = {id_: raw / image for image, id_ in by_image(raw).items()}
     res = outcome(out)
     seen = set()
     for row in rows_of(out):

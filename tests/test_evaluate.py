@@ -188,6 +188,10 @@ def setup(demo_raw, demo_params, registry, tmp_path_factory):
         torch.manual_seed(100 + i)
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                     init_lora_weights=False), adapter_name=slug)  # random: visibly changes images
+        with torch.no_grad():
+            for name, param in unet.named_parameters():
+                if f"lora_B.{slug}." in name:
+                    param.mul_(4.0)
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
         StableDiffusionXLPipeline.save_lora_weights(root / "models" / "loras" / slug, unet_lora_layers=layers,
                                                     safe_serialization=True)

@@ -127,61 +127,52 @@ def test_bank_indexes_the_adapter(trained, registry):
 
 
 def test_loss_goes_down(demo_params, data, tmp_path):
-    # Fixed seed, so the run is reproducible; the windows are wide enough that noise from the random
-    # timesteps does not decide the comparison.
-    params = with_train(demo_params, steps=40, checkpoint_every=1000, validation_seeds=[])
+    # Unweighted loss and batch 4: with min_snr the per-step loss swings with the sampled timestep, and over 30
+    # steps that noise is as large as the gain. This setup drops by 0.07-0.09 for seeds 0, 1 and 2.
+    params = with_train(demo_params, steps=30, batch_size=4, learning_rate=3e-3, loss_weighting="none",
+                        checkpoint_every=1000, validation_seeds=[])
     s = train(params, SLUG, data, tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", metrics_dir=tmp_path,
               progress=False)
     losses = [float(r.split(",")[1]) for r in (tmp_path / "train" / f"{SLUG}.csv").read_text().splitlines()[1:]]
-    assert len(losses) == 40 and s.final_loss == pytest.approx(losses[-1], rel=1e-5)
+    assert len(losses) == 30 and s.final_loss == pytest.approx(losses[-1], rel=1e-5)
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.03
 
 
-def test_deterministic_and_seed_sensitive(quick, data, tmp_path, trained):
-    params = with_train(quick, validation_seeds=[])
-    a = train(params, SLUG, data, tmp_path / "a", checkpoint_dir=tmp_path / "ca", progress=False)
-    b = train(with_train(params, seed=1), SLUG, data, tmp_path / "b", checkpoint_dir=tmp_path / "cb", progress=False)
-    first = trained[0] / "models" / "loras" / SLUG / WEIGHTS_NAME
-    from safetensors.torch import load_file
-
-    ta, t0, tb = (load_file(p / WEIGHTS_NAME) if p.is_dir() else load_file(p)
-                  for p in (tmp_path / "a", first, tmp_path / "b"))
-    assert all(torch.equal(ta[k], t0[k]) for k in t0)  # the validation grid does not touch the weights
-    assert sha256_file(tmp_path / "a" / WEIGHTS_NAME) != sha256_file(tmp_path / "b" / WEIGHTS_NAME)
-    assert a.encoded == 0 and b.encoded == 0  # latents and prompt embeddings came from the disk cache
+def test_uncached_path_trains_the_same(quick, data, tmp_path, trained):
+    fresh = train(with_train(quick, validation_seeds=[]), SLUG, data, tmp_path / "out", checkpoint_dir=tmp_path / "c",
+                  metrics_dir=tmp_path, cache=False, progress=False)
+    assert trained[1].cache and not fresh.cache
+    cached_log = (trained[0] / "metrics" / "train" / f"{SLUG}.csv").read_text()
+    assert (tmp_path / "train" / f"{SLUG}.csv").read_text() == cached_log  # same losses to the printed 6 digits
 
 
-def test_uncached_path_trains_the_same(quick, data, tmp_path):
-    params = with_train(quick, validation_seeds=[])
-    cached = train(params, SLUG, data, tmp_path / "a", checkpoint_dir=tmp_path / "ca", metrics_dir=tmp_path / "ma",
-                   progress=False)
-    fresh = train(params, SLUG, data, tmp_path / "b", checkpoint_dir=tmp_path / "cb", metrics_dir=tmp_path / "mb",
-                  cache=False, progress=False)
-    assert not cached.encoded and fresh.cache is False
-    la, lb = ((tmp_path / m / "train" / f"{SLUG}.csv").read_text() for m in ("ma", "mb"))
-    assert la == lb  # same losses to the printed 6 digits
-
-
-def test_crash_resumes_from_checkpoint_of_the_same_run_only(quick, data, tmp_path):
-    params = with_train(quick, validation_seeds=[])
-    ckpt = tmp_path / "ckpt"
+def test_resume_is_exact_and_other_runs_checkpoints_are_ignored(quick, data, tmp_path, trained):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    seen = []
 
     def crash(step, loss):
+        seen.append(step)
         if step == 3:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # an interrupted run, after the step-2 checkpoint
 
     with pytest.raises(KeyboardInterrupt):
-        train(params, SLUG, data, tmp_path / "out", checkpoint_dir=ckpt, progress=False, log_fn=crash)
-    assert (ckpt / CHECKPOINT_NAME).is_file() and not (tmp_path / "out").exists()
-    other = train(with_train(params, seed=5), SLUG, data, tmp_path / "other", checkpoint_dir=ckpt, progress=False)
-    assert other.resumed_from == 0  # a checkpoint of another run key is ignored, then removed
+        train(quick, SLUG, data, out, checkpoint_dir=ckpt, progress=False, log_fn=crash)
+    assert (ckpt / CHECKPOINT_NAME).is_file() and not out.exists()
+    other = train(with_train(quick, seed=5, validation_seeds=[]), SLUG, data, tmp_path / "other",
+                  checkpoint_dir=ckpt, progress=False)
+    assert other.resumed_from == 0 and not ckpt.exists()  # another run key: ignored, replaced, then removed
+    reference = trained[0] / "models" / "loras" / SLUG / WEIGHTS_NAME
+    assert sha256_file(tmp_path / "other" / WEIGHTS_NAME) != sha256_file(reference)  # the seed matters
+
+    seen.clear()
     with pytest.raises(KeyboardInterrupt):
-        train(params, SLUG, data, tmp_path / "out", checkpoint_dir=ckpt, progress=False, log_fn=crash)
-    resumed = train(params, SLUG, data, tmp_path / "out", checkpoint_dir=ckpt, progress=False)
-    assert resumed.resumed_from == 2
-    straight = train(params, SLUG, data, tmp_path / "ref", checkpoint_dir=tmp_path / "c2", progress=False)
-    assert sha256_file(tmp_path / "out" / WEIGHTS_NAME) == sha256_file(tmp_path / "ref" / WEIGHTS_NAME)
-    assert straight.final_loss == resumed.final_loss
+        train(quick, SLUG, data, out, checkpoint_dir=ckpt, progress=False, log_fn=crash)
+    assert seen == [1, 2, 3]
+    resumed = train(quick, SLUG, data, out, checkpoint_dir=ckpt, progress=False)
+    assert resumed.resumed_from == 2 and resumed.encoded == 0  # latents and prompts came from the disk cache
+    # Same data, params and seed: the same bytes as the uninterrupted run of the shared fixture.
+    assert sha256_file(out / WEIGHTS_NAME) == sha256_file(reference)
+    assert resumed.final_loss == trained[1].final_loss
 
 
 def test_nan_loss_names_the_step_and_publishes_nothing(quick, data, tmp_path):
@@ -258,12 +249,10 @@ def _env() -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(data, tmp_path):
-    from safetensors.torch import load_file
-
-    from tipsen.config import load_params
-
-    params_file = _params_file(tmp_path / "params.yaml", [SLUG], steps=10, checkpoint_every=2, validation_seeds=[])
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(data, tmp_path, trained):
+    # The shared fixture's params, written as a params file, so the uninterrupted reference is that fixture.
+    params_file = _params_file(tmp_path / "params.yaml", [SLUG], steps=4, checkpoint_every=2, log_every=1,
+                               validation_seeds=[0, 1], sample_steps=2)
     out, ckpt = tmp_path / "models" / "loras" / SLUG, tmp_path / "ckpt"
     cmd = [str(BIN / "tipsen"), "train", SLUG, "--params", str(params_file), "--data", str(data), "--out", str(out),
            "--checkpoint-dir", str(ckpt), "--metrics", str(tmp_path / "metrics"), "--no-progress"]
@@ -272,7 +261,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(data, tmp_path):
     while not (ckpt / CHECKPOINT_NAME).exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not out.exists()  # nothing half-written at the output path
@@ -280,15 +269,11 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(data, tmp_path):
     done = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["resumed_from"] >= 2 and summary["resumed_from"] % 2 == 0 and not ckpt.exists()
-    rows = (tmp_path / "metrics" / "train" / f"{SLUG}.csv").read_text().splitlines()
-    assert len(rows) == 11  # the loss log is whole across the kill
-
-    ref = train(load_params(params_file), SLUG, data, tmp_path / "ref", checkpoint_dir=tmp_path / "c2", progress=False)
-    assert ref.resumed_from == 0
-    a, b = load_file(out / WEIGHTS_NAME), load_file(tmp_path / "ref" / WEIGHTS_NAME)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert sha256_file(out / WEIGHTS_NAME) == sha256_file(tmp_path / "ref" / WEIGHTS_NAME)  # across processes too
+    assert summary["resumed_from"] == 2 and summary["params_hash"] == trained[1].params_hash and not ckpt.exists()
+    rows = (tmp_path / "metrics" / "train" / f"{SLUG}.csv").read_text()
+    assert rows == (trained[0] / "metrics" / "train" / f"{SLUG}.csv").read_text()  # the loss log is whole
+    reference = trained[0] / "models" / "loras" / SLUG / WEIGHTS_NAME
+    assert sha256_file(out / WEIGHTS_NAME) == sha256_file(reference)  # bit for bit, across processes too
 
 
 @pytest.mark.slow
@@ -301,7 +286,7 @@ def test_dvc_repro_retrains_only_the_keyword_whose_data_changed(tmp_path, regist
         if dep.startswith("tipsen/"):  # code deps are copied; the command runs the installed package
             (repo / dep).parent.mkdir(parents=True, exist_ok=True)
             (repo / dep).write_bytes((ROOT / dep).read_bytes())
-    _params_file(repo / "params.yaml", [SLUG, OTHER], steps=2, checkpoint_every=1, validation_seeds=[0], sample_steps=1)
+    _params_file(repo / "params.yaml", [SLUG, OTHER], steps=2, checkpoint_every=1, validation_seeds=[])
     for slug in (SLUG, OTHER):
         write_curated(repo / "data" / "curated", slug, registry, n=2, heldout=0)
 
@@ -322,7 +307,7 @@ def test_dvc_repro_retrains_only_the_keyword_whose_data_changed(tmp_path, regist
     assert f"Running stage 'train@{SLUG}'" in second and f"Running stage 'train@{OTHER}'" not in second
     assert sha256_file(repo / "models" / "loras" / OTHER / WEIGHTS_NAME) == other_weights
 
-    _params_file(repo / "params.yaml", [SLUG, OTHER], steps=2, checkpoint_every=1, validation_seeds=[0],
-                 sample_steps=1, seed=3)  # a shared training param: every keyword is stale
+    _params_file(repo / "params.yaml", [SLUG, OTHER], steps=2, checkpoint_every=1, validation_seeds=[],
+                 seed=3)  # a shared training param: every keyword is stale
     status = sh(str(BIN / "dvc"), "status")
     assert f"train@{SLUG}" in status and f"train@{OTHER}" in status

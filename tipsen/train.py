@@ -80,8 +80,6 @@ class Trainer:
 
     def __init__(self, params: Params, kw: Keyword, examples: list[td.Example], *, cache: bool = True):
         import torch
-        from diffusers import DDPMScheduler
-        from peft import LoraConfig, inject_adapter_in_model
 
         self.cfg = cfg = params.train
         self.device = resolve_device(params.models.device)
@@ -92,18 +90,30 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator("cpu").manual_seed(cfg.seed)  # all sampling on the CPU: device-independent
-        if self.device == "cuda" and cfg.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
             torch.cuda.reset_peak_memory_stats()
-
         pipe = load_pipeline(params.models.base, pipeline_class=params.models.pipeline_class, device=self.device,
                              dtype=dtype)
+        self._inputs_from(pipe, params, kw, examples, cache)
+        self._add_lora(cfg)
+        self.opt = torch.optim.AdamW([p for _, p in self.named], lr=cfg.learning_rate,
+                                     betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                                     eps=cfg.adam_epsilon)
+        self.scaler = torch.amp.GradScaler(self.device, enabled=self.precision == "fp16")
+        self.step_no, self.losses = 0, []
+
+    def _inputs_from(self, pipe, params: Params, kw: Keyword, examples: list[td.Example], cache: bool) -> None:
+        """Encode latents and prompts once (from the disk cache when possible), then free the encoders."""
+        import torch
+        from diffusers import DDPMScheduler
+
+        cfg = self.cfg
         self.pipe_cls, self.unet = type(pipe), pipe.unet
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.time_ids = self.unet.config.addition_embed_type == "text_time"  # SDXL-style micro-conditioning
         self.cache = td.TensorCache(cache_dir() / "cache" if cache else None)
-        model_key = [params.models.base, resolve_ref(params.models.base), self.device, dtype]
+        model_key = [params.models.base, resolve_ref(params.models.base), self.device, str(self.dtype)]
         self.prior = None
         if cfg.prior_preservation:
             folder = cache_dir() / "cache" / "class_images" / self.cache.key(model_key, kw.class_token,
@@ -113,43 +123,46 @@ class Trainer:
         self.examples = examples + (self.prior or [])
         self.n = len(examples)
         self.prompts = [e.prompt for e in self.examples]
-        ids = [e.time_ids(cfg.resolution) for e in self.examples]
-        self.ids = torch.tensor(ids, dtype=torch.float32, device=self.device)
-
+        self.ids = torch.tensor([e.time_ids(cfg.resolution) for e in self.examples], dtype=torch.float32,
+                                device=self.device)
         if pipe.vae.dtype != torch.float32:
             pipe.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in half precision
         self.scale = pipe.vae.config.scaling_factor
         self.shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
         self.text_encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2")
-                              if getattr(pipe, n, None) is not None}
-        for m in (self.unet, *self.text_encoders.values()):
-            m.requires_grad_(False)
-        if cache:  # encode once, then free the VAE (and the text encoders unless they are trained)
+                              if getattr(pipe, n, None) is not None and cfg.train_text_encoder}
+        self.mean = self.std = self.embeds = self.pooled = self.pixels = None
+        if cache:
             self.mean, self.std = (t.to(self.device) for t in td.cached_latents(
                 pipe.vae, self.examples, self.cache, model_key, cfg.resolution))
-            if not cfg.train_text_encoder:
+            if not self.text_encoders:
                 embeds, pooled = td.cached_prompts(pipe, self.prompts, self.cache, model_key)
                 self.embeds = embeds.to(self.device, self.dtype)
                 self.pooled = pooled.to(self.device, self.dtype) if pooled is not None else None
             pipe.vae = None
         else:
             self.pixels = td.pixels([e.file for e in self.examples])
-        self.pipe = pipe if (not cache or cfg.train_text_encoder) else None
+        self.pipe = pipe if self.embeds is None or self.mean is None else None  # still needed for encoding
         self.encoded = self.cache.misses
         del pipe
         gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
+    def _add_lora(self, cfg: TrainParams) -> None:
+        import torch
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.unet.requires_grad_(False)
         torch.manual_seed(cfg.seed)  # the gaussian LoRA init draws from the global RNG
         lora = dict(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian")
         self.unet.add_adapter(LoraConfig(**lora, target_modules=list(cfg.target_modules)))
         self.modules = {"unet": self.unet}
-        if cfg.train_text_encoder:
-            for name, enc in self.text_encoders.items():
-                # peft directly: transformers' add_adapter wants a newer peft than diffusers does
-                inject_adapter_in_model(LoraConfig(**lora, target_modules=TEXT_LORA_MODULES), enc)
-                self.modules[name] = enc
-        else:
-            self.text_encoders.clear()
+        for name, enc in self.text_encoders.items():
+            enc.requires_grad_(False)
+            # peft directly: transformers' add_adapter asks for a newer peft than diffusers does
+            inject_adapter_in_model(LoraConfig(**lora, target_modules=TEXT_LORA_MODULES), enc)
+            self.modules[name] = enc
         self.named = [(f"{m}.{n}", p) for m, mod in self.modules.items() for n, p in mod.named_parameters()
                       if p.requires_grad]
         for _, p in self.named:
@@ -159,18 +172,12 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for enc in self.text_encoders.values():
-                enc.gradient_checkpointing_enable()
+                enc.activation_checkpointing_enable()
         self.forward = self.unet
-        if cfg.compile:
-            if self.device == "cuda":
-                self.forward = torch.compile(self.unet)
-            else:
-                log.warning("train.compile: ignored on %s (compiling costs more than it saves off CUDA)", self.device)
-        self.opt = torch.optim.AdamW([p for _, p in self.named], lr=cfg.learning_rate,
-                                     betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                                     eps=cfg.adam_epsilon)
-        self.scaler = torch.amp.GradScaler(self.device, enabled=self.precision == "fp16")
-        self.step_no, self.losses = 0, []
+        if cfg.compile and self.device == "cuda":
+            self.forward = torch.compile(self.unet)
+        elif cfg.compile:
+            log.warning("train.compile: ignored on %s; it pays off only on CUDA", self.device)
 
     def _autocast(self):
         import torch
@@ -181,19 +188,19 @@ class Trainer:
         """Scaled latents, prompt embeddings, pooled embeddings and time ids for example indices `idx`."""
         import torch
 
-        if hasattr(self, "mean"):
-            mean, std = self.mean[idx.to(self.device)], self.std[idx.to(self.device)]
+        on = idx.to(self.device)
+        if self.mean is not None:
+            mean, std = self.mean[on], self.std[on]
         else:
             mean, std = td.latent_dist(self.pipe.vae, self.pixels[idx])
         eps = torch.randn(mean.shape, generator=self.gen).to(self.device)
         latents = (mean + std * eps - self.shift) * self.scale
-        if hasattr(self, "embeds") and not self.text_encoders:
-            i = idx.to(self.device)
-            embeds, pooled = self.embeds[i], (self.pooled[i] if self.pooled is not None else None)
-        else:
+        if self.embeds is not None:
+            embeds, pooled = self.embeds[on], (self.pooled[on] if self.pooled is not None else None)
+        else:  # with gradients when the text encoders are trained
             with self._autocast(), contextlib.nullcontext() if self.text_encoders else torch.no_grad():
                 embeds, pooled = td.encode_prompts(self.pipe, [self.prompts[i] for i in idx.tolist()])
-        return latents, embeds, pooled, self.ids[idx.to(self.device)]
+        return latents, embeds, pooled, self.ids[on]
 
     def _loss(self, pred, target, t):
         import torch.nn.functional as F

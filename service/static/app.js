@@ -3,7 +3,7 @@
 
 const TEXT = {
   ko: {
-    pageTitle: "추억 그림 만들기", title: "추억 그림 만들기", langButton: "English", langLabel: "Switch to English",
+    pageTitle: "추억 그림 만들기", title: "추억 그림 만들기", langButton: "English",
     keyLabel: "접속 열쇠를 입력해 주세요", keyHelp: "관리자에게 받은 열쇠예요. 이 창을 닫을 때까지 기억해요.",
     keySave: "확인",
     promptLabel: "떠올리고 싶은 장면을 적어 주세요", promptHelp: "예: 김장하는 날, 온 가족이 모여 김치를 담갔어요",
@@ -24,7 +24,7 @@ const TEXT = {
     },
   },
   en: {
-    pageTitle: "Memory picture maker", title: "Memory picture maker", langButton: "한국어", langLabel: "한국어로 보기",
+    pageTitle: "Memory picture maker", title: "Memory picture maker", langButton: "한국어",
     keyLabel: "Enter the access key", keyHelp: "The key from your administrator. It is kept until you close this tab.",
     keySave: "OK",
     promptLabel: "Write the scene you want to recall",
@@ -107,8 +107,7 @@ function applyLang() {
   document.title = t("pageTitle");
   for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
   const button = $("lang");
-  button.textContent = t("langButton");
-  button.setAttribute("aria-label", t("langLabel"));
+  button.textContent = t("langButton");  // named in the language it switches to
   button.lang = lang === "ko" ? "en" : "ko";
   renderChips();
   renderRoute();
