@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"tipsen: error: unknown command {name!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("tipsen").setLevel(logging.INFO)  # our progress; libraries only warn
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"tipsen {name}", description=COMMANDS[name][1])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
