@@ -10,8 +10,12 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.common import paired, table, timeit, write_result
 
@@ -79,46 +83,54 @@ def main() -> None:
     try:
         curated, bank = workspace(root, params, keywords)
 
+        cpu: dict[int, list[float]] = {}  # process CPU seconds per run: what contention on a shared machine hides
+
         def run(images: int, *, cold: bool):
             cache = root / f"cache-{images}"
             if cold:
                 shutil.rmtree(cache, ignore_errors=True)
             p = params.model_copy(update={"eval": params.eval.model_copy(update={"images_per_keyword": images})})
+            start = time.process_time()
             evaluate(p, curated=curated, bank=bank, metrics_dir=root / "metrics", reports_dir=root / "reports",
                      cache_dir=cache)
+            if cold:
+                cpu.setdefault(images, []).append(time.process_time() - start)
 
         demo = timeit(lambda: run(ev.images_per_keyword, cold=True), reps=reps, warmup=1)
         cached = timeit(lambda: run(ev.images_per_keyword, cold=False), reps=reps, warmup=0)
         images = len(keywords) * len(ev.methods) * ev.images_per_keyword
         results["demo"] = {"keywords": len(keywords), "methods": len(ev.methods), "images": images,
                            "cold": demo, "cached_rerun": cached, "images_per_s_cold": images / demo["median"]}
+        cpu.clear()
         pair = paired(lambda: run(2 * n, cold=True), lambda: run(n, cold=True), reps=reps, warmup=0)
-        per_n = n * len(keywords) * len(ev.methods)  # images generated per N
-        t_n, t_2n = pair["b"]["median"], pair["a"]["median"]
         t_4n = timeit(lambda: run(4 * n, cold=True), reps=1, warmup=0)["median"]
+        per_n = n * len(keywords) * len(ev.methods)  # images generated per N
+        c = {k: statistics.median(v) for k, v in cpu.items()}
+        slope, fixed = np.polyfit([per_n, 2 * per_n, 4 * per_n], [c[n], c[2 * n], c[4 * n]], 1)
         results["scaling"] = {
-            "n": n, "images_n": per_n, "time_n": pair["b"], "time_2n": pair["a"], "time_4n": t_4n,
-            "ratio_2n_over_n": pair["ratio_a_over_b"], "marginal_s_per_image": (t_2n - t_n) / per_n,
+            "n": n, "images_n": per_n, "wall_n": pair["b"], "wall_2n": pair["a"], "wall_4n": t_4n,
+            "wall_ratio_2n_over_n": pair["ratio_a_over_b"], "cpu_s": {str(k): v for k, v in c.items()},
+            "cpu_ratio_2n_over_n": c[2 * n] / c[n],
             # t = a + b*N + c*N^2 gives an increment ratio of 2 when c = 0 (linear) and 4 when b = 0 (quadratic)
-            "increment_ratio": (t_4n - t_2n) / (t_2n - t_n) if t_2n > t_n else None}
+            "cpu_increment_ratio": (c[4 * n] - c[2 * n]) / (c[2 * n] - c[n]),
+            "cpu_fit": {"fixed_s": float(fixed), "per_image_s": float(slope)}}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     d, s = results["demo"], results["scaling"]
-    print(table([{"run": "demo cold", "images": d["images"], "seconds": d["cold"]["median"], "min": d["cold"]["min"],
-                  "max": d["cold"]["max"]},
-                 {"run": "demo cached", "images": d["images"], "seconds": d["cached_rerun"]["median"],
-                  "min": d["cached_rerun"]["min"], "max": d["cached_rerun"]["max"]},
-                 {"run": f"N={n}", "images": n * k * len(ev.methods), "seconds": s["time_n"]["median"],
-                  "min": s["time_n"]["min"], "max": s["time_n"]["max"]},
-                 {"run": f"2N={2 * n}", "images": 2 * n * k * len(ev.methods), "seconds": s["time_2n"]["median"],
-                  "min": s["time_2n"]["min"], "max": s["time_2n"]["max"]}]))
-    inc = s["increment_ratio"]
-    print(f"\n4N: {s['time_4n']:.2f} s; increment ratio (t4N-t2N)/(t2N-tN) = {inc if inc is None else round(inc, 2)} "
-          "(2 for linear, 4 for quadratic)")
-    print(f"2N/N time ratio x{s['ratio_2n_over_n']:.2f} (fixed model loads included: <= 2 when linear); "
-          f"marginal {s['marginal_s_per_image'] * 1000:.0f} ms per image; "
-          f"cached rerun {d['cold']['median'] / d['cached_rerun']['median']:.1f}x faster than cold")
+    rows = [{"run": "demo cold", "images": d["images"], **{k: d["cold"][k] for k in ("median", "min", "max")},
+             "cpu_s": ""},
+            {"run": "demo cached", "images": d["images"], **{k: d["cached_rerun"][k] for k in ("median", "min", "max")},
+             "cpu_s": ""}]
+    for mult, wall in ((1, s["wall_n"]), (2, s["wall_2n"]), (4, {"median": s["wall_4n"], "min": "", "max": ""})):
+        rows.append({"run": f"{mult}N (N={n})", "images": mult * s["images_n"],
+                     **{k: wall[k] for k in ("median", "min", "max")}, "cpu_s": s["cpu_s"][str(mult * n)]})
+    print(table(rows))
+    print(f"\n2N/N: wall x{s['wall_ratio_2n_over_n']:.2f}, CPU x{s['cpu_ratio_2n_over_n']:.2f} (model loads included: "
+          f"< 2 when linear); CPU increment ratio (4N-2N)/(2N-N) = {s['cpu_increment_ratio']:.2f} "
+          f"(2: linear, 4: quadratic)")
+    print(f"CPU fit: {s['cpu_fit']['fixed_s']:.1f} s + {s['cpu_fit']['per_image_s'] * 1000:.0f} ms/image; "
+          f"cached rerun {d['cold']['median'] / d['cached_rerun']['median']:.0f}x faster than cold")
     path = write_result("evaluate" + ("-smoke" if args.smoke else ""), results, params={
         "keywords": keywords, "reps": reps, "eval": params.eval.model_dump(mode="json"),
         "models": params.models.model_dump(mode="json"), "load_average_at_end": os.getloadavg()})

@@ -182,7 +182,7 @@ def small(servers) -> Server:
     return servers[1]
 
 
-def post(server: Server, path: str, body, *, headers=AUTH, timeout: float = 120) -> httpx.Response:
+def post(server: Server, path: str, body, *, headers=AUTH, timeout: float = 600) -> httpx.Response:
     return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=timeout)
 
 
@@ -193,8 +193,8 @@ def test_readyz_is_503_until_models_and_bank_are_loaded(main):
     answers = [s for s in main.readiness if s is not None]
     assert answers[-1] == 200
     assert 503 in answers[:-1], f"never saw a not-ready answer: {main.readiness}"
-    assert set(answers) <= {503, 200}
-    assert "Service is not ready" not in httpx.get(f"{main.url}/readyz").text
+    assert set(answers) <= {503, 200}  # listening at once, ready only after loading
+    assert httpx.get(f"{main.url}/readyz").status_code == 200
 
 
 def test_health_is_open_and_everything_else_needs_the_key(main):

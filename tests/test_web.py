@@ -155,7 +155,7 @@ def test_keyboard_only_reaches_the_box_submits_and_saves(page, tmp_path):
         page.keyboard.press("Enter")
     saved = tmp_path / "saved.png"
     download.value.save_as(saved)
-    assert download.value.suggested_filename == f"tipsen-{page.inner_text('#used-seed')}.png"
+    assert download.value.suggested_filename == f"tipsen-{page.text_content('#used-seed')}.png"
     assert Image.open(saved).size == (SIZE, SIZE)
 
 

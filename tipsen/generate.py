@@ -249,14 +249,14 @@ def save_png(image, path: Path, metadata: dict) -> Path:
     return path
 
 
-def _assistant(params: Params):
+def _assistant(params: Params, registry: Registry):
     try:
         from tipsen.assistant import Assistant
     except ModuleNotFoundError as exc:
         if exc.name != "tipsen.assistant":
             raise
         raise ConfigError("--assist: the Senior Prompting Assistant is unavailable in this installation") from None
-    return Assistant.from_params(params)
+    return Assistant.from_params(params, registry=registry)
 
 
 def add_arguments(parser) -> None:
@@ -283,7 +283,11 @@ def run(args) -> int:
                   lora_scale=args.lora_scale, width=args.width, height=args.height, num_images=args.num_images,
                   assist=args.assist, use_lora=not args.no_lora)
     req = as_request({k: v for k, v in fields.items() if v is not None})  # bad input fails before loading
-    generator = Generator(params, bank=args.bank, assistant=_assistant(params) if args.assist else None)
+    registry = Registry.load()
+    if req.keyword:
+        registry.get(req.keyword)
+    assistant = _assistant(params, registry) if args.assist else None
+    generator = Generator(params, bank=args.bank, assistant=assistant, registry=registry)
     result = generator.generate(req)
     out: Path = args.out
     paths = [out] if len(result.images) == 1 else \

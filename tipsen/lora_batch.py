@@ -131,7 +131,11 @@ def per_sample(modules, names: list[str | None], scales: list[float]) -> Iterato
 
 
 def fuse(modules, slug: str, scale: float) -> None:
-    """Merge one adapter into the base weights at `scale` (for single-keyword workloads)."""
+    """Merge one adapter into the base weights at `scale` (for single-keyword workloads).
+
+    Each fuse/unfuse cycle rounds the base weights once more (visibly so in bf16): switching keywords
+    often belongs to the unfused per-sample path.
+    """
     for layer in lora_layers(modules):
         if slug in layer.lora_A:
             layer.set_scale(slug, scale)

@@ -78,7 +78,8 @@ def _precision(cfg: TrainParams, device: str) -> str:
 class Trainer:
     """One keyword's training state: frozen base, LoRA layers, optimizer, cached inputs and RNG."""
 
-    def __init__(self, params: Params, kw: Keyword, examples: list[td.Example], *, cache: bool = True):
+    def __init__(self, params: Params, kw: Keyword, examples: list[td.Example], *, cache: bool = True, pipe=None):
+        """`pipe`: an already loaded pipeline in the training dtype (the GPU benchmark builds SDXL at random)."""
         import torch
 
         self.cfg = cfg = params.train
@@ -93,8 +94,8 @@ class Trainer:
         if self.device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
             torch.cuda.reset_peak_memory_stats()
-        pipe = load_pipeline(params.models.base, pipeline_class=params.models.pipeline_class, device=self.device,
-                             dtype=dtype)
+        pipe = pipe or load_pipeline(params.models.base, pipeline_class=params.models.pipeline_class,
+                                     device=self.device, dtype=dtype)
         self._inputs_from(pipe, params, kw, examples, cache)
         self._add_lora(cfg)
         self.opt = torch.optim.AdamW([p for _, p in self.named], lr=cfg.learning_rate,
@@ -111,6 +112,9 @@ class Trainer:
         cfg = self.cfg
         self.pipe_cls, self.unet = type(pipe), pipe.unet
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        if self.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"models.base: prediction_type {self.scheduler.config.prediction_type!r} is not "
+                              "supported for training; allowed: epsilon, v_prediction")
         self.time_ids = self.unet.config.addition_embed_type == "text_time"  # SDXL-style micro-conditioning
         self.cache = td.TensorCache(cache_dir() / "cache" if cache else None)
         model_key = [params.models.base, resolve_ref(params.models.base), self.device, str(self.dtype)]
@@ -131,7 +135,7 @@ class Trainer:
         self.shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
         self.text_encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2")
                               if getattr(pipe, n, None) is not None and cfg.train_text_encoder}
-        self.mean = self.std = self.embeds = self.pooled = self.pixels = None
+        self.mean = self.std = self.embeds = self.pooled = None
         if cache:
             self.mean, self.std = (t.to(self.device) for t in td.cached_latents(
                 pipe.vae, self.examples, self.cache, model_key, cfg.resolution))
@@ -140,8 +144,6 @@ class Trainer:
                 self.embeds = embeds.to(self.device, self.dtype)
                 self.pooled = pooled.to(self.device, self.dtype) if pooled is not None else None
             pipe.vae = None
-        else:
-            self.pixels = td.pixels([e.file for e in self.examples])
         self.pipe = pipe if self.embeds is None or self.mean is None else None  # still needed for encoding
         self.encoded = self.cache.misses
         del pipe
@@ -191,8 +193,8 @@ class Trainer:
         on = idx.to(self.device)
         if self.mean is not None:
             mean, std = self.mean[on], self.std[on]
-        else:
-            mean, std = td.latent_dist(self.pipe.vae, self.pixels[idx])
+        else:  # no cache: read, decode and encode the images of every batch
+            mean, std = td.latent_dist(self.pipe.vae, td.pixels([self.examples[i].file for i in idx.tolist()]))
         eps = torch.randn(mean.shape, generator=self.gen).to(self.device)
         latents = (mean + std * eps - self.shift) * self.scale
         if self.embeds is not None:
