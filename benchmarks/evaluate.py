@@ -123,12 +123,12 @@ def main() -> None:
             {"run": "demo cached", "images": d["images"], **{k: d["cached_rerun"][k] for k in ("median", "min", "max")},
              "cpu_s": ""}]
     for mult, wall in ((1, s["wall_n"]), (2, s["wall_2n"]), (4, {"median": s["wall_4n"], "min": "", "max": ""})):
-        rows.append({"run": f"{mult}N (N={n})", "images": mult * s["images_n"],
+        rows.append({"run": f"{mult}N", "images": mult * s["images_n"],
                      **{k: wall[k] for k in ("median", "min", "max")}, "cpu_s": s["cpu_s"][str(mult * n)]})
     print(table(rows))
-    print(f"\n2N/N: wall x{s['wall_ratio_2n_over_n']:.2f}, CPU x{s['cpu_ratio_2n_over_n']:.2f} (model loads included: "
-          f"< 2 when linear); CPU increment ratio (4N-2N)/(2N-N) = {s['cpu_increment_ratio']:.2f} "
-          f"(2: linear, 4: quadratic)")
+    print(f"\nN = {n} images per keyword; 2N/N: wall x{s['wall_ratio_2n_over_n']:.2f}, "
+          f"CPU x{s['cpu_ratio_2n_over_n']:.2f} (model loads included: < 2 when linear)")
+    print(f"CPU increment ratio (4N-2N)/(2N-N) = {s['cpu_increment_ratio']:.2f} (2: linear, 4: quadratic)")
     print(f"CPU fit: {s['cpu_fit']['fixed_s']:.1f} s + {s['cpu_fit']['per_image_s'] * 1000:.0f} ms/image; "
           f"cached rerun {d['cold']['median'] / d['cached_rerun']['median']:.0f}x faster than cold")
     path = write_result("evaluate" + ("-smoke" if args.smoke else ""), results, params={

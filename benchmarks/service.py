@@ -153,10 +153,12 @@ def main() -> None:
                       "mixed_s": mix["a"]["median"], "single_s": mix["b"]["median"],
                       "ratio": mix["ratio_a_over_b"]}]))
 
+        from tipsen.assistant import Assistant
         from tipsen.config import load_params
         from tipsen.generate import GenerationRequest, Generator
 
-        gen = Generator(load_params(params, profile="demo"), bank=bank)
+        cfg = load_params(params, profile="demo")  # the server's params: same model, bank and template assistant
+        gen = Generator(cfg, bank=bank, assistant=Assistant.from_params(cfg, curated=None))
         req = GenerationRequest(prompt="추억", keyword=SLUGS[0], seed=0, assist=True)
         direct = paired(lambda: load(url, concurrency=1, total=1, keywords=SLUGS[:1]),
                         lambda: gen.generate(req), reps=3 * reps, warmup=1)

@@ -131,7 +131,8 @@ def test_comparison_pairs_cover_lora_vs_base_and_assistant_vs_lora():
     from tipsen.evaluate import comparison_pairs
 
     specs = [EvalMethod(name="SD", base="sd"), EvalMethod(name="SDXL", base="xl"),
-             EvalMethod(name="+LoRA", base="xl", lora=True), EvalMethod(name="+asst", base="xl", lora=True, assist=True)]
+             EvalMethod(name="+LoRA", base="xl", lora=True),
+             EvalMethod(name="+asst", base="xl", lora=True, assist=True)]
     pairs = comparison_pairs(specs)
     assert pairs[:3] == [(1, 0), (2, 0), (3, 0)]  # every method vs the first
     assert (2, 1) in pairs and (3, 2) in pairs and len(pairs) == 5
@@ -283,7 +284,8 @@ def test_outputs_exist_and_are_valid(first, setup):
     specs = [json.loads(Image.open(p).text["tipsen"]) for p in pngs]
     refined = [s["prompt"] for s in specs if s["assist"] is not None]  # the assistant's prompts, one per seed
     assert len(refined) == 4 and all(p.startswith("A realistic photo of") for p in refined)
-    assert {s["prompt"] for s in specs if s["assist"] is None} == {"A photo of Gimjang Tradition", "A photo of Yakgwa Food"}
+    templates = {s["prompt"] for s in specs if s["assist"] is None}
+    assert templates == {"A photo of Gimjang Tradition", "A photo of Yakgwa Food"}
 
 
 def test_score_matches_an_independent_clip_computation(first, setup):
@@ -352,7 +354,8 @@ def test_dino_unavailable_is_skipped_with_a_reason(first, setup, count_generatio
     out = _run(setup, params.model_copy(update={"models": models}), "nodino")
     assert out["dino"]["status"] == "skipped" and "no-dino-here" in out["dino"]["reason"]
     sdxl = out["methods"]["sdxl_tiny"]
-    assert sdxl["dino_align_mean"] is None and sdxl["clip_align_mean"] == result["methods"]["sdxl_tiny"]["clip_align_mean"]
+    assert sdxl["dino_align_mean"] is None
+    assert sdxl["clip_align_mean"] == result["methods"]["sdxl_tiny"]["clip_align_mean"]
     assert count_generation == []
     off = _run(setup, params.model_copy(update={"models": params.models.model_copy(update={"dino": None})}), "nodino")
     assert off["dino"] == {"status": "skipped", "reason": "models.dino is null"}
@@ -369,7 +372,8 @@ def test_keyword_alignment_scores_an_adapter_on_the_same_images(first, setup, co
                               cache_dir=setup / "cache")
     assert count_generation == []  # the same seeds and settings as the table's SDXL+LoRA method: cached
     rows = csv.DictReader((setup / "first" / "metrics" / "per_keyword.csv").open(encoding="utf-8"))
-    table = next(float(r["clip_align"]) for r in rows if r["keyword"] == "gimjang" and r["method"] == "SDXL+LoRA (tiny)")
+    table = next(float(r["clip_align"]) for r in rows
+                 if r["keyword"] == "gimjang" and r["method"] == "SDXL+LoRA (tiny)")
     assert score == pytest.approx(table, abs=1e-6)
 
 
@@ -391,7 +395,8 @@ def test_dvc_metrics_and_plots_show_read_the_outputs(first, setup, root, tmp_pat
     assert "failed to load" not in shown.stderr
     data = json.loads(shown.stdout)[""]["data"]["metrics/eval.json"]
     assert "error" not in data
-    assert data["data"]["methods"]["sdxl_tiny"]["clip_align_mean"] == first[1]["methods"]["sdxl_tiny"]["clip_align_mean"]
+    expected = first[1]["methods"]["sdxl_tiny"]["clip_align_mean"]
+    assert data["data"]["methods"]["sdxl_tiny"]["clip_align_mean"] == expected
     plots = json.loads(dvc("plots", "show", "--json").stdout)
     spec = plots["data"]["metrics/per_keyword.csv"][0]["content"]
     assert spec["encoding"]["y"]["field"] == "label" and len(spec["data"]["values"]) == 2 * 3

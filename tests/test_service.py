@@ -414,6 +414,9 @@ def test_schema_fuzz(main):
     seen: Counter = Counter()
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {"/generate", "/generate_png", "/refine", "/keywords", "/route"} <= {op.path for op in operations}
+    # The private batch API answers 404 to every client (tested above); BentoML's document of its list-of-model
+    # body holds a dangling $ref that no generator can follow.
+    operations = [op for op in operations if op.path != "/generate_batch"]
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,

@@ -483,6 +483,8 @@ def select_keywords(params: Params, keywords: list[str] | None, *, curated: Path
     slugs = keywords or params.eval.keywords or params.keywords
     for slug in slugs:
         registry.get(slug, field="keywords")
+    if not curated.is_dir():
+        raise ConfigError(f"--curated {curated}: not found; run 'tipsen curate' (or 'dvc repro curate') first")
     real, source, skipped = {}, {}, {}
     for slug in dict.fromkeys(slugs):
         files, src = real_images(curated, slug, params.eval.real_images)
@@ -492,7 +494,7 @@ def select_keywords(params: Params, keywords: list[str] | None, *, curated: Path
             skipped[slug] = f"no curated images under {curated / slug}"
             log.warning("%s: skipped: %s", slug, skipped[slug])
     if not real:
-        raise ConfigError(f"curated: no curated images for {', '.join(slugs)} under {curated}; run 'tipsen curate'")
+        raise ConfigError(f"--curated {curated}: no images for any of the {len(slugs)} keywords; run 'tipsen curate'")
     return list(real), real, source, skipped
 
 
