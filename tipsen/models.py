@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from tipsen.config import ConfigError
 
 log = logging.getLogger(__name__)
 
+_LOAD_LOCK = threading.Lock()  # diffusers/transformers loading is not thread-safe (meta-tensor init)
 TINY_VERSION = "v1"  # bump when a tiny architecture changes, so cached builds are rebuilt
 TINY_SEED = 0
 
@@ -259,7 +261,8 @@ def load_pipeline(ref: str, *, pipeline_class: str = "auto", device: str = "auto
     device = resolve_device(device)
     path = resolve_ref(ref)
     cls = diffusers.AutoPipelineForText2Image if pipeline_class == "auto" else getattr(diffusers, pipeline_class)
-    pipe = cls.from_pretrained(path, dtype=resolve_dtype(dtype, device), use_safetensors=True)
+    with _LOAD_LOCK:
+        pipe = cls.from_pretrained(path, dtype=resolve_dtype(dtype, device), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
