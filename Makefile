@@ -13,7 +13,7 @@ export BENTOML_DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TIPSEN_HOME ?= $(CURDIR)/.cache/tipsen
 
-.PHONY: venv demo test test-fast bench serve clean
+.PHONY: venv demo paper test test-fast bench serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ venv: $(STAMP)
 
 demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+# The paper's run: all 30 keywords on the paper profile (needs a GPU and the real weights).
+ALL_KEYWORDS := $(shell sed -n 's/^- {slug: \([a-z0-9_-]*\),.*/\1/p' data/keywords.yaml | paste -sd, -)
+paper: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp run -S profile=paper -S 'keywords=[$(ALL_KEYWORDS)]'
 
 test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/test-deps.sh

@@ -80,7 +80,7 @@ def trained(tmp_path_factory, quick, data):
     return tmp, summary, logged
 
 
-def test_publishes_a_lora_that_stock_pipelines_load(trained, quick):
+def test_publishes_a_lora_that_stock_pipelines_load(trained):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
