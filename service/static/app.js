@@ -71,7 +71,7 @@ class Problem extends Error {
   constructor(kind) { super(kind); this.kind = kind; }
 }
 
-async function call(path, { method = "GET", body, timeout = 15000 } = {}) {
+async function call(path, { method = "GET", body, timeout = 15000, askKey = true } = {}) {
   const headers = { "Content-Type": "application/json" };
   const key = sessionStorage.getItem("tipsen-key");
   if (key) headers.Authorization = `Bearer ${key}`;
@@ -85,7 +85,10 @@ async function call(path, { method = "GET", body, timeout = 15000 } = {}) {
   } finally {
     clearTimeout(timer);
   }
-  if (resp.status === 401) { showKeyForm(); throw new Problem("auth"); }
+  if (resp.status === 401) {
+    if (askKey) showKeyForm();
+    throw new Problem("auth");
+  }
   if (resp.status === 429 || resp.status === 503) throw new Problem("busy");
   if (resp.status === 504) throw new Problem("timeout");
   if (resp.status >= 400 && resp.status < 500) throw new Problem("input");
@@ -94,6 +97,7 @@ async function call(path, { method = "GET", body, timeout = 15000 } = {}) {
 }
 
 function showError(kind) {
+  $("error").dataset.kind = kind || "";
   $("error").textContent = kind ? TEXT[lang].errors[kind] || TEXT[lang].errors.failed : "";
 }
 
@@ -111,8 +115,7 @@ function applyLang() {
   button.lang = lang === "ko" ? "en" : "ko";
   renderChips();
   renderRoute();
-  const error = $("error").dataset.kind;
-  if (error) showError(error);
+  showError($("error").dataset.kind);
 }
 
 function renderChips() {
@@ -164,7 +167,7 @@ function updateRoute() {
     const text = $("prompt").value.trim();
     if (!text) { route = null; renderRoute(); return; }
     try {
-      route = await call(`/route?text=${encodeURIComponent(text.slice(0, 1000))}`);
+      route = await call(`/route?text=${encodeURIComponent(text.slice(0, 1000))}`, { askKey: false });
     } catch {
       route = null;  // the hint is a courtesy: the server routes again when drawing
     }
@@ -197,10 +200,8 @@ function setWorking(on) {
 
 async function make(prompt) {
   if (working) return;
-  $("error").dataset.kind = "";
   showError(null);
   if (!prompt) {
-    $("error").dataset.kind = "empty";
     showError("empty");
     $("prompt").focus();
     return;
@@ -212,7 +213,6 @@ async function make(prompt) {
     showResult(out);
   } catch (err) {
     if (err.kind === "auth") pending = () => make(prompt);
-    $("error").dataset.kind = err.kind;
     showError(err.kind);
   } finally {
     setWorking(false);
