@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tipsen.config import ConfigError, Params, load_params
-from tipsen.registry import Registry, Route
+from tipsen.registry import Registry, Route, normalize
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,15 @@ class Generator:
             guidance=cfg.guidance if req.guidance is None else req.guidance,
             lora_scale=cfg.lora_scale if req.lora_scale is None else req.lora_scale, **sizes)), notes
 
+    def _with_keyword(self, words: str, slug: str | None) -> str:
+        """The paper's "A photo of [keyword] [class]", then the caller's own words (unless they already hold both)."""
+        if slug is None:
+            return words
+        kw, have = self.registry[slug], normalize(words)
+        if normalize(kw.keyword) in have and normalize(kw.class_token) in have:
+            return words
+        return f"{kw.prompt}, {words}"
+
     def _plan(self, req: GenerationRequest, notes: list[str]) -> _Plan:
         route = self.route(req.prompt, req.keyword)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
@@ -164,8 +173,7 @@ class Generator:
         else:
             if req.assist:
                 notes.append("assist requested but no assistant is loaded; the template prompt is used")
-            # The paper's "A photo of [keyword] [class]", then the caller's own words.
-            prompt = f"{self.registry[route.slug].prompt}, {req.prompt}" if route.slug else req.prompt
+            prompt = self._with_keyword(req.prompt, route.slug)
         adapter = route.slug if route.slug in self.available and req.use_lora else None
         if route.slug and req.use_lora and adapter is None:
             why = self.reasons.get(route.slug) or self.bank_error or "not in the bank"
