@@ -49,5 +49,4 @@ def run(args) -> int:
     print(f"tipsen serve: http://{args.host}:{args.port}/ (profile {params.profile}, bank {bank})", file=sys.stderr,
           flush=True)
     os.chdir(ROOT)
-    os.execve(cmd[0], cmd, env)  # does not return
-    return 0
+    os.execve(cmd[0], cmd, env)  # replaces this process: bentoml gets the signals and the exit status
