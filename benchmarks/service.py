@@ -6,7 +6,9 @@ against one keyword, and the cost of HTTP + adaptive batching against a direct G
     python -m benchmarks.service --bank models/bank.json   # the demo bank instead of random adapters
 
 The server is `tipsen serve` on 127.0.0.1 with the demo profile, the template assistant and a bank of four
-random adapters, started once. Figures on tiny random models measure the serving machinery, not SDXL.
+random adapters, started once. Figures on tiny random models measure the serving machinery, not SDXL. The server
+and the direct Generator both run with --threads torch threads (default 1: on a shared 2-core machine more
+threads only oversubscribe it).
 """
 from __future__ import annotations
 
@@ -129,7 +131,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--bank", type=Path, default=None, help="bank index (default: four random adapters)")
     ap.add_argument("--port", type=int, default=3917)
+    ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of the server and the direct run")
     args = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported here or in the server
     steps = 2 if args.smoke else args.steps
     levels = [1, 2] if args.smoke else [1, 4, 8, 16]
     per_level = (lambda c: 2) if args.smoke else (lambda c: max(4, c))  # every thread sends one request or more
@@ -163,6 +167,9 @@ def main() -> None:
         from tipsen.config import load_params
         from tipsen.generate import GenerationRequest, Generator
 
+        import torch
+
+        torch.set_num_threads(args.threads)
         cfg = load_params(params, profile="demo")  # the server's params: same model, bank and template assistant
         gen = Generator(cfg, bank=bank, assistant=Assistant.from_params(cfg, curated=None))
         req = GenerationRequest(prompt="추억", keyword=SLUGS[0], seed=0, assist=True)
@@ -175,9 +182,13 @@ def main() -> None:
                       "ratio": direct["ratio_a_over_b"]}]))
     finally:
         os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
     out = write_result("service-smoke" if args.smoke else "service", results,
                        params={"steps": steps, "size": args.size, "levels": levels, "model": "tiny:sdxl",
+                               "threads": args.threads,
                                "assistant": "template", "bank": str(args.bank or "random x4")})
     print(f"wrote {out}")
 
