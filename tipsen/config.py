@@ -165,7 +165,7 @@ class EvalParams(Section):
 
 class ServiceParams(Section):
     max_batch_size: int = Field(8, ge=2, le=64)  # requests per adaptive batch (BentoML needs >= 2)
-    max_latency_ms: int = Field(60_000, ge=1)  # queued longer than this: shed with 503 (covers queueing + one batch)
+    max_latency_ms: int = Field(60_000, ge=1)  # BentoML sheds (503) a queued request predicted to take longer
     timeout_s: int = Field(300, ge=1)  # per HTTP request; the GPU work of a timed-out request still runs
     max_concurrency: int = Field(80, ge=2)  # HTTP requests in flight per worker; each generation holds two
     max_queue: int = Field(32, ge=1)  # generation/refine requests admitted and not yet finished; beyond: 429
