@@ -68,9 +68,7 @@ def main() -> None:
                  "ratio": float("nan")})
 
     print(table(rows))
-    if args.smoke:
-        return
-    out = write_result("assistant", results,
+    out = write_result("assistant" + ("-smoke" if args.smoke else ""), results,
                        params={"llm": args.llm, "prompts": n, "new_tokens": new, "reps": reps,
                                "prompt_tokens": int(enc["input_ids"].shape[1]), "device": str(model.device),
                                "when_local": time.strftime("%Y-%m-%d %H:%M")})

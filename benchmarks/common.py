@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS_ENV = "TIPSEN_BENCH_RESULTS"  # another folder for the JSON results (the smoke tests write to a temporary one)
 PACKAGES = ["torch", "diffusers", "peft", "transformers", "open_clip_torch", "bentoml", "prefect", "dvc", "pillow"]
 
 
@@ -68,8 +69,9 @@ def paired(a: Callable[[], Any], b: Callable[[], Any], *, reps: int = 5, warmup:
 
 
 def write_result(name: str, data: dict[str, Any], *, params: dict[str, Any] | None = None) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
+    folder = Path(os.environ.get(RESULTS_ENV) or RESULTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{name}.json"
     payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "machine": machine_info(), "params": params or {}, "results": data}
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -1,6 +1,7 @@
 """Generation runtime on tiny:sdxl: batching, mixed-keyword batches, keyword switching, fusion, cold start.
 
     .venv/bin/python -m benchmarks.generate [--smoke] [--steps 28] [--size 64] [--adapters 30] [--reps 3]
+                                            [--threads N] [--label TAG]
 
 Adapters are random (rank = train.rank of the demo profile) and written to a temporary bank, so only speed is
 measured, never quality. Every comparison is paired and alternated in one process (benchmarks.common).
@@ -51,6 +52,31 @@ def make_bank(out: Path, slugs: list[str], rank: int, registry) -> Path:
     return out / "bank.json"
 
 
+def unet_scaling(pipe, size: int, reps: int) -> dict:
+    """The ceiling for any batching scheme: the bare UNet forward at the shapes of 1 and of 8 guided requests.
+
+    If 16 rows cost 8x what 2 rows cost, the UNet is compute-bound and no batching can beat the fixed per-request
+    costs (prompt encoding, VAE decode, the scheduler) that batching removes."""
+    import torch
+
+    from benchmarks.common import timeit
+
+    unet, cfg = pipe.unet, pipe.unet.config
+    side = size // pipe.vae_scale_factor
+    runs = {}
+    for rows in (2, 16):
+        x = torch.randn(rows, cfg.in_channels, side, side)
+        ctx = torch.randn(rows, 77, cfg.cross_attention_dim)
+        extra = {}
+        if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embeddings and six micro-conditioning ids
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            extra = {"added_cond_kwargs": {"text_embeds": torch.randn(rows, pooled), "time_ids": torch.randn(rows, 6)}}
+        with torch.no_grad():
+            runs[rows] = timeit(lambda: unet(x, 500, ctx, **extra), reps=reps, warmup=1)
+    return {"rows2_s": runs[2], "rows16_s": runs[16], "latent": side,
+            "per_request_speedup": 8 * runs[2]["median"] / runs[16]["median"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="2 steps, 32 px, 8 adapters, 1 repetition")
@@ -58,10 +84,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=30)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--label", default="", help="suffix of the result name, e.g. 32px -> generate-32px.json")
     args = ap.parse_args()
     if args.smoke:
         args.steps, args.size, args.adapters, args.reps = 2, 32, 8, 1
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -75,7 +106,7 @@ def main() -> None:
     params = params.model_copy(update={"generate": params.generate.model_copy(update={"max_batch_size": 8})})
     fused_params = params.model_copy(update={"generate": params.generate.model_copy(update={"fuse_lora": True})})
     registry = Registry.load()
-    slugs = params.keywords[:args.adapters]
+    slugs = list(registry.keywords)[:args.adapters]  # the whole registry (30), not the demo's 6
     reps, warmup = args.reps, 0 if args.smoke else 1
     rows, results = [], {}
 
@@ -129,6 +160,11 @@ def main() -> None:
                          "target": target})
             print(f"{name}: {r['ratio']:.3f}", flush=True)
 
+        scaling = results["unet_batch_scaling"] = unet_scaling(gen.pipe, args.size, max(reps, 3))
+        rows.append({"measure": "bare UNet: 8 guided requests as 16 rows vs 2 rows, per request",
+                     "a_s": scaling["rows16_s"]["median"], "b_s": scaling["rows2_s"]["median"],
+                     "ratio": scaling["per_request_speedup"], "target": "ceiling for batching"})
+
         # Keyword switching, interleaved per request so that machine drift cancels: in k0 k0 k1 k1 k2 k2 ...
         # the first request of each pair follows a different keyword, the second repeats it.
         switch, repeat = [], []
@@ -145,7 +181,7 @@ def main() -> None:
                      "b_s": r["b"]["median"], "ratio": r["ratio"], "target": "overhead <= 0.02"})
 
     print(table(rows))
-    out = write_result("generate", results, params={
+    out = write_result("-".join(filter(None, ["generate", args.label, "smoke" if args.smoke else ""])), results, params={
         "model": "tiny:sdxl", "steps": args.steps, "size": args.size, "adapters": len(slugs),
         "rank": params.train.rank, "reps": reps, "warmup": warmup, "smoke": args.smoke,
         "device": str(gen.pipe.device), "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()})

@@ -5,7 +5,7 @@ The models are built from the published SDXL base 1.0 configs in benchmarks/conf
 not depend on weight values, and nothing is downloaded. `--smoke` runs every section on the CPU in fp32 with
 scaled-down configs derived from the same files, at 64 px.
 
-    python -m benchmarks.gpu_sdxl --out results/        # on any CUDA machine, < 8 min on an H200
+    python -m benchmarks.gpu_sdxl                       # on any CUDA machine, < 8 min on an H200
     python -m benchmarks.gpu_sdxl --smoke               # CPU, seconds
 """
 from __future__ import annotations
@@ -237,8 +237,8 @@ class Bench:
         self.flops: dict[str, Any] = {}
         self.results: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
-        name = f"{NAME}_smoke.json" if args.smoke else f"{NAME}.json"
-        self.paths = [RESULTS / name] + ([Path(args.out) / name] if args.out else [])
+        name = f"{NAME}-smoke.json" if args.smoke else f"{NAME}.json"
+        self.paths = [Path(args.out or RESULTS) / name]
         peak, source = args.peak_tflops, "--peak-tflops" if args.peak_tflops else "none on the CPU"
         if peak is None and self.device.type == "cuda":
             gpu = torch.cuda.get_device_name(self.device)
@@ -618,7 +618,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default cuda (cpu in --smoke)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU")
-    p.add_argument("--out", default=None, help="a directory to write the JSON into as well")
+    p.add_argument("--out", default=None, help="the directory for the JSON (default: benchmarks/results)")
     a = p.parse_args(argv)
     a.device = a.device or ("cpu" if a.smoke else "cuda")
     a.resolution = a.resolution or (64 if a.smoke else 1024)

@@ -130,7 +130,7 @@ def sdxl_main(args) -> None:
            "500_steps_s": 500 * per_step, "peak_GiB": peak / 2**30, "setup_s": setup}
     print(table([row]))
     print(f"500 steps in {500 * per_step / 60:.1f} min (target < 3 min on an H200; the paper: 20-30 min on an A100)")
-    out = write_result("train_sdxl" + ("_smoke" if args.smoke else ""), {"row": row, "unet_params": n_params},
+    out = write_result("train_sdxl" + ("-smoke" if args.smoke else ""), {"row": row, "unet_params": n_params},
                        params={"profile": profile, "steps": steps, "train": cfg.model_dump(mode="json")})
     print(f"wrote {out}")
 
@@ -203,7 +203,7 @@ def main() -> None:
     print(f"cache makes a step {ratio:.2f}x cheaper (target >= 1.5x; the encoders' share predicts {expected:.2f}x); "
           f"checkpoint {size / 1e6:.2f} MB, "
           f"save = {save['median'] / step_c:.2f} steps, resume = {load['median'] / step_c:.2f} steps")
-    out = write_result("train" + ("_smoke" if args.smoke else ""), {
+    out = write_result("train" + ("-smoke" if args.smoke else ""), {
         "rows": rows, "uncached_over_cached": ratio, "predicted_from_components": expected, "checkpoint_bytes": size, "steps_per_sample": steps,
         "paired": loop}, params={"profile": args.profile, "base": params.models.base, "images": images,
                                  "train": params.train.model_dump(mode="json"), "threads": torch.get_num_threads(),

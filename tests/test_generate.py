@@ -139,6 +139,35 @@ def test_mixed_batch_matches_each_request_alone(gen, monkeypatch):
     assert _differ(mixed[0].images[0], mixed[4].images[0]) > 1.0  # each request's own LoRA scale is honoured
 
 
+def test_gathered_lora_equals_peft_mixed_batch(gen):
+    """The gathered path (two batched products per layer) against peft's own mixed-batch forward, on the UNet."""
+    import torch
+
+    from tipsen.lora_batch import gatherable, lora_layers, per_sample
+
+    unet, cfg = gen.pipe.unet, gen.pipe.unet.config
+    names, scales = ["gimjang", None, "yakgwa", "gimjang", "hanok"], [0.7, 0.0, 1.0, 1.5, 0.4]
+    assert all(gatherable(layer, set(SLUGS)) for layer in lora_layers([unet]))
+    g = torch.Generator().manual_seed(0)
+    rows = 2 * len(names)  # classifier-free guidance: each sample twice
+    x = torch.randn(rows, cfg.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(rows, 77, cfg.cross_attention_dim, generator=g)
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    extra = {"text_embeds": torch.randn(rows, pooled, generator=g), "time_ids": torch.rand(rows, 6, generator=g)}
+
+    def run(**kw):
+        with torch.no_grad(), per_sample([unet], names, scales, **kw):
+            return unet(x, 500, ctx, added_cond_kwargs=extra).sample
+
+    with torch.no_grad():
+        base = unet(x, 500, ctx, added_cond_kwargs=extra).sample
+    gathered, peft_mixed = run(), run(gather=False)
+    assert torch.allclose(gathered, peft_mixed, atol=1e-5, rtol=1e-4)
+    lora_effect = (peft_mixed - base).abs().amax(dim=(1, 2, 3))
+    assert torch.all(lora_effect[[0, 2, 3, 4, 5, 7, 8, 9]] > 1e-3)  # every LoRA row really moved...
+    assert torch.equal(gathered[[1, 6]], base[[1, 6]])  # ...and the base-model rows did not
+
+
 def test_different_adapters_give_different_images(gen):
     base = {"prompt": "a family in autumn", "seed": 3, "steps": STEPS}
     images = {slug: gen.generate({**base, "keyword": slug}).images[0] for slug in SLUGS}

@@ -25,7 +25,7 @@ def smoke(root, tmp_path_factory) -> dict:
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "UNet at 64 px" in proc.stdout and "LoRA training step" in proc.stdout  # the printed table
-    return json.loads((out / "gpu_sdxl_smoke.json").read_text())
+    return json.loads((out / "gpu_sdxl-smoke.json").read_text())
 
 
 def test_every_section_reports_numbers(smoke):

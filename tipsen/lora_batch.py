@@ -1,11 +1,18 @@
 """The LoRA bank in memory: every adapter resident as a named peft adapter, chosen per sample at run time.
 
-One diffusion batch can mix adapters. peft's LoRA layers take `adapter_names` (one per sample) in `forward`;
-the diffusers UNet has no such argument, so forward pre-hooks pass it to every LoRA layer, as peft's own
-`_enable_peft_forward_hooks` does for transformers models. peft scales each adapter once per layer, not per
-sample, so each request's LoRA scale is applied by a forward hook on the adapter's `lora_B`, whose input is
-exactly the rows of that adapter's samples. Every adapter therefore keeps peft scale 1.0 and no request ever
-splits a batch because of its scale.
+One diffusion batch can mix adapters, each sample with its own adapter and scale. Two ways, chosen per layer:
+
+- **Gathered** (plain LoRA on a linear layer, the bank's case): the adapters of a batch are stacked once per
+  batch, each sample's A and B matrices are gathered by row, and two batched matrix products add every sample's
+  own update, B_i A_i x_i times its scale, to the base output. The cost per layer is two batched products whatever
+  the number of distinct adapters (the segmented-gather idea of multi-LoRA servers such as Punica and S-LoRA).
+- **peft's mixed batch** (anything else: convolutions, DoRA, LoRA biases): peft's LoRA layers take
+  `adapter_names` (one per sample) in `forward`; the diffusers UNet has no such argument, so forward pre-hooks pass
+  it to each layer, as peft's own `_enable_peft_forward_hooks` does for transformers models. peft loops over the
+  distinct adapters, one sub-batch each. It scales an adapter once per layer, not per sample, so each request's
+  scale is applied by a forward hook on the adapter's `lora_B`, whose input is exactly that adapter's rows.
+
+Either way every adapter keeps peft scale 1.0 and no request ever splits a batch because of its scale.
 """
 from __future__ import annotations
 
@@ -85,16 +92,92 @@ def _drop(pipe, slug: str) -> None:
         log.warning("could not remove the partly loaded adapter %s: %s", slug, exc)
 
 
+def gatherable(layer, slugs) -> bool:
+    """Whether `layer` can run the gathered path for `slugs`: plain LoRA on an unmerged linear layer."""
+    import torch
+    from peft.tuners.lora import Linear
+
+    if type(layer) is not Linear or layer.merged or not isinstance(layer.get_base_layer(), torch.nn.Linear):
+        return False
+    for slug in slugs:
+        if slug not in layer.lora_A:
+            continue
+        dropout = layer.lora_dropout[slug]
+        if (slug in getattr(layer, "lora_variant", {}) or layer.use_dora.get(slug) or layer.lora_B[slug].bias is not None
+                or not (isinstance(dropout, torch.nn.Identity) or not dropout.training)):
+            return False
+    return True
+
+
+class _Gathered:
+    """A forward hook adding each row's own LoRA update to a linear layer's base output.
+
+    Per batch (one `per_sample` block) and row count, the rows' A [n, r, in] and B*scale [n, out, r] are gathered
+    once and reused at every denoising step: about n * r * (in + out) values per layer, a few MB for SDXL.
+    Adapters of different ranks are zero-padded to the largest one, which changes nothing in the product.
+    """
+
+    def __init__(self, layer, by_rows: dict[int, tuple[list[str], list[float]]]):
+        self.layer, self.by_rows, self.cache = layer, by_rows, {}
+
+    def _weights(self, rows: int, device, dtype):
+        import torch
+
+        key = (rows, device, dtype)
+        if key not in self.cache:
+            layer = self.layer
+            names, scales = self.by_rows[rows]
+            sel = [i for i, n in enumerate(names) if n in layer.lora_A]
+            if not sel:
+                self.cache[key] = None
+                return None
+            slugs = sorted({names[i] for i in sel})
+            rank = max(layer.lora_A[s].weight.shape[0] for s in slugs)
+
+            def padded(w, dim):  # [r, in] or [out, r], zero-padded to `rank` along `dim`
+                pad = [0, 0, 0, rank - w.shape[0]] if dim == 0 else [0, rank - w.shape[1]]
+                return torch.nn.functional.pad(w, pad)
+
+            a = torch.stack([padded(layer.lora_A[s].weight, 0) for s in slugs]).to(device, dtype)
+            b = torch.stack([padded(layer.lora_B[s].weight, 1) for s in slugs]).to(device, dtype)
+            which = torch.tensor([slugs.index(names[i]) for i in sel], device=device)
+            factor = torch.tensor([scales[i] * layer.scaling[names[i]] for i in sel], device=device, dtype=dtype)
+            rows_a = a[which].transpose(1, 2)  # [n, in, r]
+            rows_b = (b[which] * factor.view(-1, 1, 1)).transpose(1, 2)  # [n, r, out]
+            index = None if len(sel) == rows else torch.tensor(sel, device=device)
+            self.cache[key] = (index, rows_a, rows_b)
+        return self.cache[key]
+
+    def __call__(self, module, args, kwargs, out):
+        x = args[0] if args else kwargs["x"]
+        if x.shape[0] not in self.by_rows:
+            raise RuntimeError(f"LoRA layer saw batch {x.shape[0]}, expected one of {sorted(self.by_rows)}")
+        got = self._weights(x.shape[0], x.device, x.dtype)
+        if got is None:
+            return out
+        index, rows_a, rows_b = got
+        if index is not None:
+            x = x.index_select(0, index)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        delta = flat.bmm(rows_a).bmm(rows_b).reshape(*x.shape[:-1], rows_b.shape[-1]).to(out.dtype)
+        return out + delta if index is None else out.index_add(0, index, delta)
+
+
 @contextmanager
-def per_sample(modules, names: list[str | None], scales: list[float]) -> Iterator[None]:
+def per_sample(modules, names: list[str | None], scales: list[float], *, gather: bool = True) -> Iterator[None]:
     """Inside the block, sample i of every forward pass uses adapter names[i] (None: none) at scales[i].
 
     A module that sees the batch twice (classifier-free guidance: the unconditional half, then the
-    conditional half) gets the names twice.
+    conditional half) gets the names twice. `gather=False` runs every layer through peft's mixed batch.
     """
-    layers = lora_layers(modules)
     names = [n or BASE for n in names]
+    slugs = set(names) - {BASE}
     by_rows = {len(names): names, 2 * len(names): names + names}
+    all_layers = lora_layers(modules)
+    fast = [layer for layer in all_layers if gather and slugs and gatherable(layer, slugs)]
+    layers = [layer for layer in all_layers if not any(layer is f for f in fast)] if fast else all_layers
+    doubled = list(scales) + list(scales)
+    rows_scales = {len(names): (names, list(scales)), 2 * len(names): (names + names, doubled)}
 
     def pass_names(module, args, kwargs):
         x = args[0] if args else kwargs["x"]
@@ -105,7 +188,7 @@ def per_sample(modules, names: list[str | None], scales: list[float]) -> Iterato
 
     # The factor for each adapter, in the order peft gathers its rows: ascending sample index.
     factors = {}
-    for slug in set(names) - {BASE}:
+    for slug in slugs:
         row = [s for n, s in zip(names, scales) if n == slug]
         factors[slug] = {len(row): row, 2 * len(row): row + row}
     cache: dict = {}
@@ -120,7 +203,8 @@ def per_sample(modules, names: list[str | None], scales: list[float]) -> Iterato
             return out * cache[key].view(-1, *([1] * (out.ndim - 1)))
         return scale_rows
 
-    handles = [layer.register_forward_pre_hook(pass_names, with_kwargs=True) for layer in layers]
+    handles = [layer.register_forward_hook(_Gathered(layer, rows_scales), with_kwargs=True) for layer in fast]
+    handles += [layer.register_forward_pre_hook(pass_names, with_kwargs=True) for layer in layers]
     handles += [layer.lora_B[slug].register_forward_hook(make_scale(slug))
                 for layer in layers for slug in factors if slug in layer.lora_B]
     try:

@@ -1,0 +1,141 @@
+"""Every CPU benchmark runs at its smallest size (`--smoke`), so the scripts cannot rot.
+
+Each one runs in a subprocess, as `python -m benchmarks.<name>` does, and writes its JSON into a temporary folder
+(TIPSEN_BENCH_RESULTS), never into benchmarks/results. The checks are about shape: every measured figure is a
+positive finite number and the run records its machine and params. No timing is asserted; timings belong in
+BENCHMARKS.md. (The GPU script has its own smoke test, test_gpu_script.py.)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _pos(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _stats(s: dict) -> None:
+    assert s["n"] >= 1 and all(_pos(s[k]) for k in ("median", "min", "max"))
+    assert s["min"] <= s["median"] <= s["max"]
+
+
+def _paired(p: dict) -> None:
+    _stats(p["a"])
+    _stats(p["b"])
+    assert p["ratio_a_over_b"] == pytest.approx(p["a"]["median"] / p["b"]["median"])
+
+
+def check_curate(r: dict) -> None:
+    sets = {row["set"] for row in r["throughput"]}
+    assert "demo" in sets and len(sets) >= 2  # the demo export and the generated sizes
+    assert all(_pos(row["images_per_s"]) and row["images"] > 0 for row in r["throughput"])
+    assert {row["relevance"] for row in r["throughput"]} == {True, False}
+    _stats(r["workers"]["one_worker"])
+    _stats(r["workers"]["two_workers"])
+    assert all(_pos(h["index_s"]) and _pos(h["all_pairs_s"]) for h in r["hash_index"])
+    assert 0.9 <= r["linear_fit_wall"]["r2"] <= 1.0 + 1e-9
+
+
+def check_train(r: dict) -> None:
+    _paired(r["paired"])
+    assert r["uncached_over_cached"] == pytest.approx(r["paired"]["b"]["median"] / r["paired"]["a"]["median"])
+    whats = [row["what"] for row in r["rows"]]
+    assert any("cached" in w for w in whats) and any("checkpoint resume" in w for w in whats)
+    assert all(_pos(row["median_s"]) for row in r["rows"])
+    assert r["checkpoint_bytes"] > 0 and _pos(r["predicted_from_components"])
+
+
+def check_train_sdxl(r: dict) -> None:
+    assert r["unet_params"] == 2_567_463_684  # the real SDXL-base UNet architecture
+    row = r["row"]
+    assert row["rank"] == 20 and row["batch"] == 2 and _pos(row["s_per_step"])
+    assert row["500_steps_s"] == pytest.approx(500 * row["s_per_step"])
+
+
+def check_generate(r: dict) -> None:
+    cold = r["cold_start"]
+    _stats(cold["base_s"])
+    _stats(cold["base_plus_adapters_s"])
+    assert cold["adapters"] >= 2
+    for name in ("batch8_vs_sequential8", "batch8_vs_sequential8_base_model", "mixed8_vs_same8_batch",
+                 "fused_vs_unfused_single_keyword"):
+        _paired(r[name])
+        assert r[name]["ratio"] == pytest.approx(1 / r[name]["ratio_a_over_b"])
+    scaling = r["unet_batch_scaling"]
+    _stats(scaling["rows2_s"])
+    _stats(scaling["rows16_s"])
+    assert scaling["per_request_speedup"] == pytest.approx(8 * scaling["rows2_s"]["median"] /
+                                                           scaling["rows16_s"]["median"])
+    sw = r["switching_vs_same_keyword"]
+    _stats(sw["a"])
+    _stats(sw["b"])
+    assert sw["ratio"] == pytest.approx(sw["a"]["median"] / sw["b"]["median"] - 1)
+
+
+def check_assistant(r: dict) -> None:
+    _paired(r["batched_vs_sequential"])
+    _paired(r["seeded_vs_global_rng"])
+    assert _pos(r["template_per_prompt_s"])
+
+
+def check_evaluate(r: dict) -> None:
+    demo = r["demo"]
+    assert demo["keywords"] >= 1 and demo["methods"] >= 2 and demo["images"] > 0
+    _stats(demo["cold"])
+    _stats(demo["cached_rerun"])
+    scaling = r["scaling"]
+    _stats(scaling["wall_n"])
+    _stats(scaling["wall_2n"])
+    assert set(scaling["cpu_s"]) == {"1", "2", "4"} and all(_pos(v) for v in scaling["cpu_s"].values())
+
+
+def check_service(r: dict) -> None:
+    levels = [row["concurrency"] for row in r["concurrency"]]
+    assert levels == sorted(levels) and len(levels) >= 2
+    for row in r["concurrency"]:
+        assert row["requests"] >= row["concurrency"] and _pos(row["throughput_rps"])
+        assert 0 < row["p50_s"] <= row["p95_s"]
+    assert r["batch_sizes"] and all(b >= 1 for b in r["batch_sizes"])  # read from the server's own log
+    _paired(r["mixed_vs_single"])
+    _paired(r["http_vs_direct"])
+
+
+CASES = {
+    # result name: (command-line arguments, checks)
+    "curate": (["benchmarks.curate"], check_curate),
+    "train": (["benchmarks.train"], check_train),
+    "train_sdxl": (["benchmarks.train", "--sdxl"], check_train_sdxl),
+    "generate": (["benchmarks.generate"], check_generate),
+    "assistant": (["benchmarks.assistant"], check_assistant),
+    "evaluate": (["benchmarks.evaluate"], check_evaluate),
+    "service": (["benchmarks.service"], check_service),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_benchmark_smoke(name, root, tmp_path):
+    args, check = CASES[name]
+    results_dir = root / "benchmarks" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in results_dir.glob("*.json")}
+    env = {**os.environ, "TIPSEN_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", *args, "--smoke"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = tmp_path / f"{name}-smoke.json"
+    assert f"wrote {out}" in proc.stdout  # the table is printed, then where the JSON went
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["benchmark"] == f"{name}-smoke"
+    assert data["machine"]["cpus"] >= 1 and "torch" in data["machine"]["versions"]
+    assert data["params"], "the run must record the params it used"
+    check(data["results"])
+    after = {p.name: p.stat().st_mtime_ns for p in results_dir.glob("*.json")}
+    assert after == before, "a smoke run must not touch benchmarks/results"
