@@ -221,6 +221,13 @@ def adapter_names(unet: torch.nn.Module, names: list[str]):
             h.remove()
 
 
+try:
+    from tipsen.lora_batch import per_sample
+except ImportError:
+    per_sample = None
+MIXED_PATH = "peft adapter_names" if per_sample is None else "tipsen.lora_batch.per_sample (gathered)"
+
+
 # ---- the run -------------------------------------------------------------------------------------------------------
 class Bench:
     def __init__(self, args: argparse.Namespace):
@@ -310,7 +317,7 @@ class Bench:
         variants = [v for v in a.variants.split(",") if v]
         per_sample = self.unet_flops()
         if "mixed" in variants:
-            res["mixed_check"] = self.mixed_check()
+            res["mixed_path"], res["mixed_check"] = MIXED_PATH, self.mixed_check()
         for b in a.batches:
             if self.left() < 20:
                 res.setdefault("skipped", []).append({"batch": b, "why": "budget"})
@@ -549,7 +556,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def _mixed_call(unet: torch.nn.Module, x: dict[str, Any], names: list[str]):
-    with adapter_names(unet, names):
+    """`names` per UNet row (guidance: the unconditional half, then the conditional half). tipsen's own mixed-batch
+    path (gathered LoRA) when this file runs inside the repository; peft's `adapter_names` when it travels alone."""
+    if per_sample is None:
+        with adapter_names(unet, names):
+            return unet(**x, return_dict=False)
+    half = names[:len(names) // 2]
+    assert names == half + half, names
+    with per_sample([unet], half, [1.0] * len(half)):
         return unet(**x, return_dict=False)
 
 

@@ -78,7 +78,9 @@ def check_generate(r: dict) -> None:
     sw = r["switching_vs_same_keyword"]
     _stats(sw["a"])
     _stats(sw["b"])
-    assert sw["ratio"] == pytest.approx(sw["a"]["median"] / sw["b"]["median"] - 1)
+    _stats(sw["pair_ratio"])
+    assert sw["a"]["n"] == sw["b"]["n"] == sw["pair_ratio"]["n"]  # one switch and one repeat per pair
+    assert sw["ratio"] == pytest.approx(sw["pair_ratio"]["median"] - 1)
 
 
 def check_assistant(r: dict) -> None:

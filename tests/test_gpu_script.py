@@ -54,6 +54,7 @@ def test_every_section_reports_numbers(smoke):
 
 
 def test_mixed_batch_computes_each_samples_own_adapter(smoke):
+    assert smoke["results"]["infer"]["mixed_path"].startswith("tipsen.lora_batch")  # the serving path is measured
     check = smoke["results"]["infer"]["mixed_check"]
     assert check["max_abs_diff_between_adapters"] > 1e-2  # the adapters really differ...
     assert check["ratio"] < 1e-4  # ...and each sample of the mixed batch got its own

@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from tipsen.bank import Bank
+if TYPE_CHECKING:  # only torch and peft at import time: the GPU benchmark script uses this module on its own
+    from tipsen.bank import Bank
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,11 @@ def per_sample(modules, names: list[str | None], scales: list[float], *, gather:
         kwargs["adapter_names"] = by_rows[x.shape[0]]
         return args, kwargs
 
+    def base_only(module, args, kwargs):  # gathered layers: peft adds nothing, whatever adapter is active
+        x = args[0] if args else kwargs["x"]
+        kwargs["adapter_names"] = [BASE] * x.shape[0]
+        return args, kwargs
+
     # The factor for each adapter, in the order peft gathers its rows: ascending sample index.
     factors = {}
     for slug in slugs:
@@ -203,7 +209,8 @@ def per_sample(modules, names: list[str | None], scales: list[float], *, gather:
             return out * cache[key].view(-1, *([1] * (out.ndim - 1)))
         return scale_rows
 
-    handles = [layer.register_forward_hook(_Gathered(layer, rows_scales), with_kwargs=True) for layer in fast]
+    handles = [layer.register_forward_pre_hook(base_only, with_kwargs=True) for layer in fast if layer.active_adapters]
+    handles += [layer.register_forward_hook(_Gathered(layer, rows_scales), with_kwargs=True) for layer in fast]
     handles += [layer.register_forward_pre_hook(pass_names, with_kwargs=True) for layer in layers]
     handles += [layer.lora_B[slug].register_forward_hook(make_scale(slug))
                 for layer in layers for slug in factors if slug in layer.lora_B]
