@@ -123,6 +123,18 @@ CASES = {
 }
 
 
+def test_make_bench_entry_point_runs_the_named_benchmarks_with_options(root, tmp_path):
+    env = {**os.environ, "TIPSEN_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "assistant"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "== benchmarks.assistant" in proc.stdout and "== benchmarks.curate" not in proc.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["assistant-smoke.json"]  # --smoke reached the benchmark
+    bad = subprocess.run([sys.executable, "-m", "benchmarks", "warp"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "benchmarks: unknown benchmark warp; allowed: curate, train, generate, assistant, evaluate, service"]
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_benchmark_smoke(name, root, tmp_path):
     args, check = CASES[name]
