@@ -188,7 +188,8 @@ def main() -> None:
                      "b_s": r["b"]["median"], "ratio": r["ratio"], "target": "overhead <= 0.02"})
 
     print(table(rows))
-    out = write_result("-".join(filter(None, ["generate", args.label, "smoke" if args.smoke else ""])), results, params={
+    name = "-".join(filter(None, ["generate", args.label, "smoke" if args.smoke else ""]))
+    out = write_result(name, results, params={
         "model": "tiny:sdxl", "steps": args.steps, "size": args.size, "adapters": len(slugs),
         "rank": params.train.rank, "reps": reps, "warmup": warmup, "smoke": args.smoke,
         "device": str(gen.pipe.device), "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()})

@@ -204,7 +204,8 @@ def main() -> None:
           f"checkpoint {size / 1e6:.2f} MB, "
           f"save = {save['median'] / step_c:.2f} steps, resume = {load['median'] / step_c:.2f} steps")
     out = write_result("train" + ("-smoke" if args.smoke else ""), {
-        "rows": rows, "uncached_over_cached": ratio, "predicted_from_components": expected, "checkpoint_bytes": size, "steps_per_sample": steps,
+        "rows": rows, "uncached_over_cached": ratio, "predicted_from_components": expected, "checkpoint_bytes": size,
+        "steps_per_sample": steps,
         "paired": loop}, params={"profile": args.profile, "base": params.models.base, "images": images,
                                  "train": params.train.model_dump(mode="json"), "threads": torch.get_num_threads(),
                                  "smoke": args.smoke})

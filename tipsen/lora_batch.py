@@ -104,8 +104,9 @@ def gatherable(layer, slugs) -> bool:
         if slug not in layer.lora_A:
             continue
         dropout = layer.lora_dropout[slug]
-        if (slug in getattr(layer, "lora_variant", {}) or layer.use_dora.get(slug) or layer.lora_B[slug].bias is not None
-                or not (isinstance(dropout, torch.nn.Identity) or not dropout.training)):
+        plain = not (slug in getattr(layer, "lora_variant", {}) or layer.use_dora.get(slug))  # no DoRA and the like
+        no_dropout = isinstance(dropout, torch.nn.Identity) or not dropout.training
+        if not (plain and no_dropout and layer.lora_B[slug].bias is None):
             return False
     return True
 
@@ -114,7 +115,8 @@ class _Gathered:
     """A forward hook adding each row's own LoRA update to a linear layer's base output.
 
     Per batch (one `per_sample` block) and row count, the rows' A [n, r, in] and B*scale [n, out, r] are gathered
-    once and reused at every denoising step: about n * r * (in + out) values per layer, a few MB for SDXL.
+    once and reused at every denoising step: n * r * (in + out) values per layer, under 1 GB in bf16 over SDXL's
+    560 attention projections for 8 guided images.
     Adapters of different ranks are zero-padded to the largest one, which changes nothing in the product.
     """
 
