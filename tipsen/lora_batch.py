@@ -93,6 +93,14 @@ def _drop(pipe, slug: str) -> None:
         log.warning("could not remove the partly loaded adapter %s: %s", slug, exc)
 
 
+def _layer_input(args, kwargs, table: dict):
+    """A LoRA layer's input, checked against the row counts `table` knows (a batch, or twice it with guidance)."""
+    x = args[0] if args else kwargs["x"]
+    if x.shape[0] not in table:
+        raise RuntimeError(f"LoRA layer saw batch {x.shape[0]}, expected one of {sorted(table)}")
+    return x
+
+
 def gatherable(layer, slugs) -> bool:
     """Whether `layer` can run the gathered path for `slugs`: plain LoRA on an unmerged linear layer."""
     import torch
@@ -120,8 +128,8 @@ class _Gathered:
     Adapters of different ranks are zero-padded to the largest one, which changes nothing in the product.
     """
 
-    def __init__(self, layer, by_rows: dict[int, tuple[list[str], list[float]]]):
-        self.layer, self.by_rows, self.cache = layer, by_rows, {}
+    def __init__(self, layer, rows: dict[int, tuple[list[str], list[float]]]):
+        self.layer, self.rows, self.cache = layer, rows, {}
 
     def _weights(self, rows: int, device, dtype):
         import torch
@@ -129,7 +137,7 @@ class _Gathered:
         key = (rows, device, dtype)
         if key not in self.cache:
             layer = self.layer
-            names, scales = self.by_rows[rows]
+            names, scales = self.rows[rows]
             sel = [i for i, n in enumerate(names) if n in layer.lora_A]
             if not sel:
                 self.cache[key] = None
@@ -152,9 +160,7 @@ class _Gathered:
         return self.cache[key]
 
     def __call__(self, module, args, kwargs, out):
-        x = args[0] if args else kwargs["x"]
-        if x.shape[0] not in self.by_rows:
-            raise RuntimeError(f"LoRA layer saw batch {x.shape[0]}, expected one of {sorted(self.by_rows)}")
+        x = _layer_input(args, kwargs, self.rows)
         got = self._weights(x.shape[0], x.device, x.dtype)
         if got is None:
             return out
@@ -173,25 +179,19 @@ def per_sample(modules, names: list[str | None], scales: list[float], *, gather:
     A module that sees the batch twice (classifier-free guidance: the unconditional half, then the
     conditional half) gets the names twice. `gather=False` runs every layer through peft's mixed batch.
     """
-    names = [n or BASE for n in names]
+    names, scales = [n or BASE for n in names], list(scales)
     slugs = set(names) - {BASE}
-    by_rows = {len(names): names, 2 * len(names): names + names}
-    all_layers = lora_layers(modules)
-    fast = [layer for layer in all_layers if gather and slugs and gatherable(layer, slugs)]
-    layers = [layer for layer in all_layers if not any(layer is f for f in fast)] if fast else all_layers
-    doubled = list(scales) + list(scales)
-    rows_scales = {len(names): (names, list(scales)), 2 * len(names): (names + names, doubled)}
+    rows = {len(names): (names, scales), 2 * len(names): (names + names, scales + scales)}  # row count -> per row
+    fast, layers = [], []  # gathered layers; peft's mixed batch for the rest
+    for layer in lora_layers(modules):
+        (fast if gather and slugs and gatherable(layer, slugs) else layers).append(layer)
 
     def pass_names(module, args, kwargs):
-        x = args[0] if args else kwargs["x"]
-        if x.shape[0] not in by_rows:
-            raise RuntimeError(f"LoRA layer saw batch {x.shape[0]}, expected {len(names)} or {2 * len(names)}")
-        kwargs["adapter_names"] = by_rows[x.shape[0]]
+        kwargs["adapter_names"] = rows[_layer_input(args, kwargs, rows).shape[0]][0]
         return args, kwargs
 
     def base_only(module, args, kwargs):  # gathered layers: peft adds nothing, whatever adapter is active
-        x = args[0] if args else kwargs["x"]
-        kwargs["adapter_names"] = [BASE] * x.shape[0]
+        kwargs["adapter_names"] = [BASE] * _layer_input(args, kwargs, rows).shape[0]
         return args, kwargs
 
     # The factor for each adapter, in the order peft gathers its rows: ascending sample index.
@@ -212,7 +212,7 @@ def per_sample(modules, names: list[str | None], scales: list[float], *, gather:
         return scale_rows
 
     handles = [layer.register_forward_pre_hook(base_only, with_kwargs=True) for layer in fast if layer.active_adapters]
-    handles += [layer.register_forward_hook(_Gathered(layer, rows_scales), with_kwargs=True) for layer in fast]
+    handles += [layer.register_forward_hook(_Gathered(layer, rows), with_kwargs=True) for layer in fast]
     handles += [layer.register_forward_pre_hook(pass_names, with_kwargs=True) for layer in layers]
     handles += [layer.lora_B[slug].register_forward_hook(make_scale(slug))
                 for layer in layers for slug in factors if slug in layer.lora_B]
