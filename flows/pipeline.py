@@ -12,6 +12,7 @@ from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from flows import tasks
+from tipsen import paths
 from tipsen.promote import STATE_FILE
 
 RAW, CURATED, LORAS, METRICS, REPORTS = "data/raw", "data/curated", "models/loras", "metrics", "reports"
@@ -66,7 +67,7 @@ def evaluate_flow(curated: str = CURATED, bank: str | None = None, keywords: lis
                   reports: str = REPORTS) -> dict:
     """The paper's evaluation table for the bank (the DVC stage `evaluate`)."""
     params = tasks.config(params_file, profile)
-    return tasks.evaluate_bank(params, curated, bank or params.generate.bank, metrics, reports, keywords)
+    return tasks.evaluate_bank(params, curated, bank or str(paths.BANK), metrics, reports, keywords)
 
 
 @flow(name="retrain", **FLOW)
@@ -76,7 +77,7 @@ def retrain_flow(raw: str = RAW, curated: str = CURATED, loras: str = LORAS, ban
     """Retrain the keywords that new raw items changed, promote a candidate only if its held-out alignment is not
     worse than the live adapter's by more than flows.promotion_margin (one bank swap), and record it in dvc.lock."""
     params = tasks.config(params_file, profile)
-    bank = bank or params.generate.bank
+    bank = bank or str(paths.BANK)
     raw_changes = tasks.detect_raw_changes(params, raw, state)
     if not raw_changes["changed"]:
         return {"changed_raw": [], "note": "no new or changed raw items since the last run"}

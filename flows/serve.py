@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from flows.pipeline import curate_flow, evaluate_flow, retrain_flow, train_flow, train_keyword_flow
-from tipsen.config import ConfigError, Params, load_params
+from tipsen.config import Params, load_params
+from tipsen.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOWS = (curate_flow, train_flow, train_keyword_flow, evaluate_flow, retrain_flow)

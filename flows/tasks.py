@@ -20,7 +20,8 @@ from tipsen import evaluate as evaluation
 from tipsen import promote
 from tipsen import train as training
 from tipsen.bank import build_bank
-from tipsen.config import ConfigError, FlowsParams, Params, load_params
+from tipsen.config import FlowsParams, Params, load_params
+from tipsen.errors import ConfigError
 from tipsen.registry import Registry
 
 JSON = dict(persist_result=True, result_serializer="json")

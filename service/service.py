@@ -30,8 +30,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from service.middleware import INTERNAL_HEADER, INTERNAL_TOKEN, ErrorShape, Guard
+from tipsen import paths
 from tipsen.assistant import SEED_MAX, Refinement
-from tipsen.config import ConfigError, load_params
+from tipsen.config import load_params
+from tipsen.errors import ConfigError
 from tipsen.generate import GenerationRequest
 from tipsen.registry import SLUG_PATTERN, Registry
 
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STATIC = Path(__file__).resolve().parent / "static"
 PARAMS = load_params(os.environ.get("TIPSEN_PARAMS") or ROOT / "params.yaml")
 GEN, SVC = PARAMS.generate, PARAMS.service
-BANK = Path(os.environ.get("TIPSEN_BANK") or ROOT / GEN.bank)
+BANK = Path(os.environ.get("TIPSEN_BANK") or ROOT / paths.BANK)
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=GEN.max_prompt_chars)]
 Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN)]

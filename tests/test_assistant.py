@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tipsen.assistant import Assistant, Rejected, validate
-from tipsen.config import AssistantParams, ConfigError, ModelsParams, OpenAIParams, Params
+from tipsen.config import AssistantParams, ModelsParams, OpenAIParams, Params
+from tipsen.errors import ConfigError
 
 KEY = "sk-test-7f3a9c1e5b2d"  # a made-up key: it must never reach the logs
 GOOD = ("A realistic photo of Gimjang Tradition, grandmothers in aprons salting cabbages in a courtyard, "

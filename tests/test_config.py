@@ -5,7 +5,8 @@ import sys
 import pytest
 import yaml
 
-from tipsen.config import ConfigError, load_params, parse_params
+from tipsen.config import load_params, parse_params
+from tipsen.errors import ConfigError
 
 
 def _raw(root):

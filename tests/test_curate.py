@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from tipsen import imaging
-from tipsen.config import ConfigError
+from tipsen.errors import ConfigError
 from tipsen.curate import curate, heldout_ids, quality
 
 RES = 64

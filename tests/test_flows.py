@@ -205,7 +205,7 @@ def test_train_flow_skips_unchanged_adapters(workspace, trained):
 def test_transient_error_is_retried_and_config_error_is_not(workspace, curated, tmp_path, monkeypatch):
     import tipsen.train
     from flows.pipeline import train_keyword_flow
-    from tipsen.config import ConfigError
+    from tipsen.errors import ConfigError
 
     real, calls = tipsen.train.train, {}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tipsen.config import ConfigError
+from tipsen.errors import ConfigError
 
 SLUGS = ["gimjang", "yakgwa", "hanok"]
 STEPS = 2

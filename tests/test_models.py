@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tipsen import models
-from tipsen.config import ConfigError
+from tipsen.errors import ConfigError
 
 
 def test_tiny_sdxl_is_a_real_sdxl_pipeline_and_runs():

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from tipsen import promote
 from tipsen.bank import WEIGHTS_NAME, Bank, build_bank
-from tipsen.config import ConfigError
+from tipsen.errors import ConfigError
 from tipsen.io import sha256_file
 
 

@@ -48,7 +48,7 @@ def test_route_explicit_wins_and_none(registry):
 
 
 def test_route_unknown_explicit_lists_choices(registry):
-    from tipsen.config import ConfigError
+    from tipsen.errors import ConfigError
 
     with pytest.raises(ConfigError, match="keyword: unknown keyword 'pyramid'; allowed: buchaechum, bulguksa"):
         registry.route("x", explicit="pyramid")

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tipsen.bank import WEIGHTS_NAME, adapter_metadata, build_bank
-from tipsen.config import ConfigError
+from tipsen.errors import ConfigError
 from tipsen.demodata import motif
 from tipsen.io import sha256_file
 from tipsen.train import CHECKPOINT_NAME, TrainingError, train

@@ -19,12 +19,12 @@ from pydantic import BaseModel, ConfigDict
 
 from tipsen.assistant_backends import (HANGUL, PHOTO_OF, PREFIX, OpenAIBackend, Reply, TemplateBackend,
                                        TransformersBackend, foreign_char, trim_words)
-from tipsen.config import AssistantParams, ConfigError, Params, load_params
+from tipsen.config import SEED_MAX, AssistantParams, Params, load_params
+from tipsen.errors import ConfigError
 from tipsen.registry import Keyword, Registry
 
 log = logging.getLogger(__name__)
 
-SEED_MAX = 2**32 - 1
 INSTRUCTION = """You are a prompt engineer that creates high-quality prompts for image generation. Write a detailed \
 prompt for an image generation model that describes this scene in a realistic photographic style.
 Rules:

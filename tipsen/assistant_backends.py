@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tipsen.config import AssistantParams, ConfigError
+from tipsen.config import AssistantParams
+from tipsen.errors import ConfigError
 from tipsen.registry import Keyword, normalize
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tipsen.config import ConfigError, load_params
+from tipsen import paths
+from tipsen.config import load_params
+from tipsen.errors import ConfigError
 from tipsen.io import sha256_file, write_json_atomic
 from tipsen.registry import Registry
 
@@ -114,13 +116,13 @@ class Bank:
 
 def add_arguments(parser) -> None:
     parser.add_argument("action", choices=["build", "show"])
-    parser.add_argument("--loras", default="models/loras", help="directory of trained adapters")
-    parser.add_argument("--out", default=None, help="bank index (default: generate.bank from params)")
+    parser.add_argument("--loras", default=str(paths.LORAS), help=f"directory of trained adapters (default: {paths.LORAS})")
+    parser.add_argument("--out", default=str(paths.BANK), help=f"bank index (default: {paths.BANK})")
 
 
 def run(args) -> int:
     params = load_params(args.params, profile=args.profile)
-    out = Path(args.out or params.generate.bank)
+    out = Path(args.out)
     if args.action == "build":
         bank = build_bank(Path(args.loras), out, keywords=params.keywords, registry=Registry.load(),
                           base_model=params.models.base)

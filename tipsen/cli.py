@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from tipsen.config import ConfigError
+from tipsen.errors import ConfigError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("tipsen.demodata", "write the deterministic synthetic KS-KEIT-V1 export"),

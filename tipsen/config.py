@@ -9,18 +9,35 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+
+from tipsen import paths
+from tipsen.errors import ConfigError, describe
+from tipsen.registry import SLUG_PATTERN, Registry
 
 log = logging.getLogger(__name__)
 
-PARAMS_FILE = "params.yaml"
+PARAMS_FILE = str(paths.PARAMS)
+
+# Every sampling knob and its bounds, defined once: params, requests, the evaluation and the HTTP schema use these.
+SEED_MAX = 2**32 - 1  # A1111's range; every seed tipsen draws, derives or accepts lies in [0, SEED_MAX]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+Steps = Annotated[int, Field(ge=1, le=50)]  # denoising steps at inference
+Guidance = Annotated[float, Field(ge=0.0, le=20.0)]
+LoraScale = Annotated[float, Field(ge=0.0, le=2.0)]
+Size = Annotated[int, Field(ge=8, le=4096)]  # px; generate.min_size/max_size and multiples of 8 are checked on use
+NumImages = Annotated[int, Field(ge=1, le=4)]  # images per request
+Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN)]
 
 
-class ConfigError(ValueError):
-    """A user's mistake in params or arguments: printed as one line, never a traceback."""
+def draw_seed() -> int:
+    """A random seed in the one seed range (recorded wherever it is used, so the result is reproducible)."""
+    import secrets
+
+    return secrets.randbelow(SEED_MAX + 1)
 
 
 class Section(BaseModel):
@@ -86,7 +103,7 @@ class TrainParams(Section):
     num_class_images: int = Field(100, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     compile: bool = False
@@ -96,18 +113,17 @@ class TrainParams(Section):
 
 
 class GenerateParams(Section):
-    steps: int = Field(28, ge=1, le=50)
-    guidance: float = Field(5.0, ge=0.0, le=20.0)
-    lora_scale: float = Field(0.7, ge=0.0, le=2.0)
-    width: int | None = Field(None, ge=8, le=4096)  # None: the model's native size
-    height: int | None = Field(None, ge=8, le=4096)
+    steps: Steps = 28
+    guidance: Guidance = 5.0
+    lora_scale: LoraScale = 0.7
+    width: Size | None = None  # None: the model's native size
+    height: Size | None = None
     min_size: int = Field(64, ge=8)
     max_size: int = Field(2048, ge=8)
     max_batch_size: int = Field(8, ge=1, le=64)
     max_prompt_chars: int = Field(1000, ge=1)
     negative_prompt: str = ""
     fuse_lora: bool = False  # only for single-keyword workloads
-    bank: str = "models/bank.json"
 
 
 class OpenAIParams(Section):
@@ -133,24 +149,33 @@ class AssistantParams(Section):
 
 
 class EvalMethod(Section):
+    """One row of the table. Sampling knobs left out (None) follow the generate section, so the table and the
+    promotion gate draw exactly as the service does unless a method says otherwise."""
+
     name: str = Field(min_length=1)
     base: str
     lora: bool = False
     assist: bool = False
-    steps: int = Field(28, ge=1, le=50)
-    guidance: float = Field(5.0, ge=0.0, le=20.0)
-    lora_scale: float = Field(0.7, ge=0.0, le=2.0)
-    width: int | None = Field(None, ge=8, le=4096)
-    height: int | None = Field(None, ge=8, le=4096)
+    steps: Steps | None = None
+    guidance: Guidance | None = None
+    lora_scale: LoraScale | None = None
+    width: Size | None = None
+    height: Size | None = None
+
+    def sampling(self, g: GenerateParams) -> dict[str, Any]:
+        """steps, guidance, lora_scale, width and height, each the method's own or else the generate section's."""
+        return {k: g_v if (v := getattr(self, k)) is None else v
+                for k, g_v in (("steps", g.steps), ("guidance", g.guidance), ("lora_scale", g.lora_scale),
+                               ("width", g.width), ("height", g.height))}
 
 
 class EvalParams(Section):
     methods: list[EvalMethod] = []
     images_per_keyword: int = Field(100, ge=1, le=10_000)
     real_images: int = Field(100, ge=1, le=10_000)
-    keywords: list[str] | None = None  # None: the profile's keyword list
+    keywords: list[Slug] | None = None  # None: the profile's keyword list
     batch_size: int = Field(8, ge=1, le=256)
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     bootstrap: int = Field(1000, ge=0, le=100_000)
     grid_keywords: int = Field(6, ge=1, le=100)
 
@@ -193,7 +218,7 @@ class Params(Section):
     """One resolved profile."""
 
     profile: str
-    keywords: list[str] = Field(min_length=1)
+    keywords: list[Slug] = Field(min_length=1)
     models: ModelsParams = ModelsParams()
     curate: CurateParams = CurateParams()
     train: TrainParams = TrainParams()
@@ -203,26 +228,46 @@ class Params(Section):
     service: ServiceParams = ServiceParams()
     flows: FlowsParams = FlowsParams()
 
-    @model_validator(mode="after")
-    def _unique_keywords(self) -> "Params":
-        dup = sorted({k for k in self.keywords if self.keywords.count(k) > 1})
+    @field_validator("keywords")
+    @classmethod
+    def _known_keywords(cls, keywords: list[str]) -> list[str]:
+        dup = sorted({k for k in keywords if keywords.count(k) > 1})
         if dup:
-            raise ValueError(f"keywords are listed twice: {', '.join(dup)}")
-        return self
+            raise ValueError(f"listed twice: {', '.join(dup)}")
+        registry = Registry.load()
+        unknown = [k for k in keywords if k not in registry.keywords]
+        if unknown:
+            raise ValueError(f"unknown slug {unknown[0]!r}; allowed: {', '.join(registry.keywords)}")
+        return keywords
 
     def log(self) -> None:
         log.info("resolved config: %s", self.model_dump(mode="json"))
 
+    def override(self, section: str | None, changes: dict[str, Any], *, flags: bool = False) -> "Params":
+        """A copy with `changes` applied to one section (None: the top level), validated as params.yaml is.
 
-def _describe(err: dict[str, Any], prefix: str) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    key = f"{prefix}.{loc}" if loc else prefix
-    if err["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
-    return f"{key}: {err['msg']} (got {err.get('input')!r})"
+        A bad value raises ConfigError naming the key (`train.steps`) or, with `flags`, the command-line flag
+        (`--steps`). Nested models in `changes` may be given as mappings."""
+        data = self.model_dump()
+        if section is None:
+            data.update(changes)
+        elif section not in data or not isinstance(data[section], dict):
+            raise ConfigError(f"{section}: not a params section; allowed: "
+                              f"{', '.join(k for k, v in data.items() if isinstance(v, dict))}")
+        else:
+            data[section] = {**data[section], **changes}
+        try:
+            return Params.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            if flags and err["loc"][:1] == (section,):
+                err = {**err, "loc": err["loc"][1:]}
+            raise ConfigError(describe(err, prefix="--" if flags else "",
+                                       allowed=_allowed_keys(Params, err["loc"]))) from None
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed where an unknown key `loc` was found."""
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -232,7 +277,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         if ann is None:
             return []
         model = ann
-    return sorted(model.model_fields)
+    return sorted(k for k in model.model_fields if model is not Params or k != "profile")
 
 
 def parse_params(raw: Any, *, source: str = PARAMS_FILE, profile: str | None = None) -> Params:
@@ -254,17 +299,12 @@ def parse_params(raw: Any, *, source: str = PARAMS_FILE, profile: str | None = N
     if "keywords" in body or "profile" in body:
         raise ConfigError(f"{source}: profiles.{name}: 'keywords' and 'profile' belong at the top level")
     try:
-        return Params(profile=name, keywords=raw.get("keywords"), **body)
+        return Params.model_validate({**body, "profile": name, "keywords": raw.get("keywords")})
     except ValidationError as exc:
         err = exc.errors()[0]
-        top = err["loc"][0] == "keywords"
-        msg = _describe(err, "" if top else f"profiles.{name}").lstrip(".")
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(Params, err["loc"])
-            msg += f"; allowed: {', '.join(a for a in allowed if a != 'profile')}"
+        top = err["loc"][:1] == ("keywords",)
+        msg = describe(err, prefix="" if top else f"profiles.{name}", allowed=_allowed_keys(Params, err["loc"]))
         raise ConfigError(f"{source}: {msg}") from None
-    except TypeError as exc:  # e.g. a section given as a list
-        raise ConfigError(f"{source}: profiles.{name}: {exc}") from None
 
 
 def load_params(path: str | Path = PARAMS_FILE, *, profile: str | None = None) -> Params:
@@ -276,14 +316,7 @@ def load_params(path: str | Path = PARAMS_FILE, *, profile: str | None = None) -
         raise ConfigError(f"{path}: not found; run from the project root or pass --params") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    params = parse_params(raw, source=str(path), profile=profile)
-    from tipsen.registry import Registry  # the registry module imports this one
-
-    registry = Registry.load()
-    unknown = [k for k in params.keywords if k not in registry.keywords]
-    if unknown:
-        raise ConfigError(f"{path}: keywords: unknown slug {unknown[0]!r}; allowed: {', '.join(registry.keywords)}")
-    return params
+    return parse_params(raw, source=str(path), profile=profile)
 
 
 def add_arguments(parser) -> None:

@@ -23,7 +23,8 @@ from pathlib import Path, PurePosixPath
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tipsen import imaging
-from tipsen.config import ConfigError, CurateParams, Params, load_params
+from tipsen.config import CurateParams, Params, load_params
+from tipsen.errors import ConfigError
 from tipsen.io import publish_dir, sha256_file, write_json_atomic
 from tipsen.registry import Registry
 

@@ -170,7 +170,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from tipsen.config import ConfigError
+    from tipsen.errors import ConfigError
 
     if args.per_keyword < 2:
         raise ConfigError(f"--per-keyword: must be at least 2 (got {args.per_keyword})")

@@ -23,8 +23,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from tipsen import metrics
-from tipsen.config import ConfigError, EvalMethod, Params, load_params
+from tipsen import metrics, paths
+from tipsen.config import EvalMethod, Params, load_params
+from tipsen.errors import ConfigError
 from tipsen.io import sha256_file, sha256_json, write_json_atomic
 from tipsen.registry import Registry
 
@@ -530,7 +531,7 @@ def evaluate(params: Params, *, curated: Path = Path("data/curated"), bank: Path
     if not ev.methods:
         raise ConfigError("eval.methods: empty; declare at least one method (name, base, lora, assist, ...)")
     curated, cache = Path(curated), Path(cache_dir) if cache_dir else default_cache()
-    bank = Path(bank or params.generate.bank)
+    bank = Path(bank or paths.BANK)
     slugs, real, source, skipped = select_keywords(params, keywords, curated=curated, registry=registry)
     runs = [Run(m) for m in ev.methods]
     adapters = _adapters(runs, bank, slugs, skipped)
@@ -599,7 +600,7 @@ def keyword_alignment(params: Params, slug: str, *, bank: Path, curated: Path, i
 
 def add_arguments(parser) -> None:
     parser.add_argument("--curated", default="data/curated", help="curated dataset (real images: held-out split)")
-    parser.add_argument("--bank", default=None, help="LoRA bank index (default: generate.bank)")
+    parser.add_argument("--bank", default=None, help=f"LoRA bank index (default: {paths.BANK})")
     parser.add_argument("--metrics", default="metrics", help="directory for eval.json and per_keyword.csv")
     parser.add_argument("--reports", default="reports", help="directory for eval_table.md and eval_grid.png")
     parser.add_argument("--keywords", default=None, help="comma-separated slugs (default: eval.keywords or keywords)")

@@ -19,7 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tipsen.config import ConfigError, Params, load_params
+from tipsen import paths
+from tipsen.config import Params, load_params
+from tipsen.errors import ConfigError
 from tipsen.registry import Registry, Route, normalize
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,7 @@ class Generator:
         self.modules = components(self.pipe)
         sample = self.pipe.unet.config.sample_size
         self.native = (sample if isinstance(sample, int) else sample[0]) * self.pipe.vae_scale_factor
-        self.bank_path, self.bank_error, self.entries, self.reasons = Path(bank or self.cfg.bank), None, {}, {}
+        self.bank_path, self.bank_error, self.entries, self.reasons = Path(bank or paths.BANK), None, {}, {}
         try:
             index = Bank(self.bank_path)
         except ConfigError as exc:  # no bank yet: the base model still serves, and status() says why
@@ -281,7 +283,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--height", type=int)
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--no-lora", action="store_true", help="the base model only")
-    parser.add_argument("--bank", help="bank index (default: generate.bank from params)")
+    parser.add_argument("--bank", default=str(paths.BANK), help=f"bank index (default: {paths.BANK})")
 
 
 def run(args) -> int:

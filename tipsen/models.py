@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from tipsen.config import ConfigError
+from tipsen.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

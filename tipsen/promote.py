@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tipsen import train_data as td
 from tipsen.bank import WEIGHTS_NAME, Bank, adapter_metadata, build_bank
-from tipsen.config import ConfigError, Params
+from tipsen.config import Params
+from tipsen.errors import ConfigError
 from tipsen.io import publish_dir, sha256_file, sha256_json, write_json_atomic
 from tipsen.registry import Registry
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tipsen.config import ConfigError
-
-REGISTRY_FILE = Path(__file__).resolve().parent.parent / "data" / "keywords.yaml"
+from tipsen.errors import ConfigError, first_error
+from tipsen.paths import REGISTRY as REGISTRY_FILE
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
@@ -67,8 +66,7 @@ class Registry:
         except FileNotFoundError:
             raise ConfigError(f"keyword registry {path}: not found") from None
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ConfigError(f"keyword registry {path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            raise ConfigError(f"keyword registry {path}: {first_error(exc)}") from None
 
     def __iter__(self):
         return iter(self.keywords.values())

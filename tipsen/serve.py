@@ -11,8 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from tipsen import paths
 from tipsen.bank import Bank
-from tipsen.config import ConfigError, load_params
+from tipsen.config import load_params
+from tipsen.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "service.service:Tipsen"
@@ -21,7 +23,7 @@ SERVICE = "service.service:Tipsen"
 def add_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: all; default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=3000, help="port (default: 3000)")
-    parser.add_argument("--bank", default=None, help="bank index (default: generate.bank from params)")
+    parser.add_argument("--bank", default=str(paths.BANK), help=f"bank index (default: {paths.BANK}, from the project root)")
 
 
 def command(*, params: Path, profile: str | None, bank: Path, host: str, port: int) -> tuple[list[str], dict]:
@@ -41,9 +43,7 @@ def run(args) -> int:
         raise ConfigError(f"serve: {ROOT / 'service'} not found; run 'tipsen serve' from a source checkout")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port: {args.port} is out of range; allowed: 1 to 65535")
-    bank = Path(args.bank or params.generate.bank)
-    if not bank.is_absolute() and not bank.exists():
-        bank = ROOT / bank  # generate.bank is relative to the project root
+    bank = paths.in_project(args.bank)
     Bank(bank)  # a missing or unreadable index is a user error, reported now
     cmd, env = command(params=Path(args.params), profile=args.profile, bank=bank, host=args.host, port=args.port)
     print(f"tipsen serve: http://{args.host}:{args.port}/ (profile {params.profile}, bank {bank})", file=sys.stderr,

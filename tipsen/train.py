@@ -25,7 +25,8 @@ import numpy as np
 
 from tipsen import train_data as td
 from tipsen.bank import META_PREFIX, SUMMARY_NAME, WEIGHTS_NAME
-from tipsen.config import ConfigError, Params, TrainParams, load_params
+from tipsen.config import Params, TrainParams, load_params
+from tipsen.errors import ConfigError
 from tipsen.io import publish_dir, sha256_json
 from tipsen.models import cache_dir, load_pipeline, resolve_device, resolve_ref
 from tipsen.registry import Keyword, Registry

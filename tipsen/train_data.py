@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tipsen.config import ConfigError
+from tipsen.errors import ConfigError
 from tipsen.io import sha256_json
 
 log = logging.getLogger(__name__)

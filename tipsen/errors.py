@@ -1,0 +1,40 @@
+"""The user-error type and the one formatter of pydantic errors: one line naming the field and what is allowed."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from pydantic import ValidationError
+
+
+class ConfigError(ValueError):
+    """A user's mistake in params or arguments: printed as one line, never a traceback."""
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(err: Mapping[str, Any], *, prefix: str = "", allowed: Iterable[str] | None = None,
+             skip: Iterable[str] = ()) -> str:
+    """One pydantic error (from `exc.errors()` or its JSON form) as 'key: message (got value)'.
+
+    `prefix` names where the error sits ('profiles.demo', '--' for flags); `skip` drops location parts that
+    are transport, not fields (BentoML's 'body'); `allowed` lists the valid keys for an unknown one.
+    """
+    parts = [str(p) for p in err.get("loc", ()) if str(p) not in set(skip)]
+    loc = ".".join(parts)
+    if prefix == "--":  # a command-line flag: --lora-scale
+        key = f"--{loc.replace('_', '-')}" if loc else "arguments"
+    else:
+        key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "request")
+    if err.get("type") == "extra_forbidden":
+        names = sorted(allowed) if allowed is not None else []
+        return f"{key}: unknown key" + (f"; allowed: {', '.join(names)}" if names else "")
+    text = f"{key}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}"
+    return f"{text} (got {_shown(err['input'])})" if "input" in err and parts else text
+
+
+def first_error(exc: ValidationError, **kw: Any) -> str:
+    """The first error of a ValidationError, formatted by `describe`."""
+    return describe(exc.errors()[0], **kw)
