@@ -6,18 +6,15 @@ and where a work pool's workers run (their working directory is the deployment's
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from flows import tasks
 from tipsen import paths
-from tipsen.promote import STATE_FILE
 
-RAW, CURATED, LORAS, METRICS, REPORTS = "data/raw", "data/curated", "models/loras", "metrics", "reports"
-CANDIDATES = "models/candidates"  # retrain's candidates: loras/<slug>, bank.json, metrics/train/<slug>.csv
-PARAMS = "params.yaml"
+RAW, CURATED, LORAS, METRICS, REPORTS = map(str, (paths.RAW, paths.CURATED, paths.LORAS, paths.METRICS, paths.REPORTS))
+CANDIDATES = str(paths.CANDIDATES)  # retrain's candidates: loras/<slug>, bank.json, metrics/train/<slug>.csv
+PARAMS = str(paths.PARAMS)
 FLOW = dict(persist_result=True, result_serializer="json")
 
 
@@ -57,7 +54,7 @@ def train_flow(keywords: list[str] | None = None, data: str = CURATED, loras: st
             futures = {s: runner.submit(train, dict(params=params, slug=s, data=data, out=f"{loras}/{s}",
                                                     metrics=metrics)) for s in slugs}
         report = tasks.train_report(futures)
-    report["bank"] = tasks.index_bank(params, loras, bank or str(Path(loras).parent / "bank.json"))
+    report["bank"] = tasks.index_bank(params, loras, bank or str(paths.bank_beside(loras)))
     return report
 
 
@@ -72,7 +69,7 @@ def evaluate_flow(curated: str = CURATED, bank: str | None = None, keywords: lis
 
 @flow(name="retrain", **FLOW)
 def retrain_flow(raw: str = RAW, curated: str = CURATED, loras: str = LORAS, bank: str | None = None,
-                 candidates: str = CANDIDATES, state: str = str(STATE_FILE), params_file: str = PARAMS,
+                 candidates: str = CANDIDATES, state: str = str(paths.STATE), params_file: str = PARAMS,
                  profile: str | None = None, metrics: str | None = METRICS, dvc_root: str | None = ".") -> dict:
     """Retrain the keywords that new raw items changed, promote a candidate only if its held-out alignment is not
     worse than the live adapter's by more than flows.promotion_margin (one bank swap), and record it in dvc.lock."""

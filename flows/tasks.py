@@ -17,7 +17,7 @@ from prefect.tasks import exponential_backoff
 
 from tipsen import curate as curation
 from tipsen import evaluate as evaluation
-from tipsen import promote
+from tipsen import retrain
 from tipsen import train as training
 from tipsen.bank import build_bank
 from tipsen.config import FlowsParams, Params, load_params
@@ -70,14 +70,13 @@ def train_keyword(params: Params, slug: str, data: str, out: str, metrics: str |
     logger, slug = get_run_logger(), Registry.load().get(slug, field="slug").slug
     run = {"slug": slug, "adapter": out, "pid": os.getpid(), "ppid": os.getppid(),
            "attempts": TaskRunContext.get().task_run.run_count}
-    why = promote.adapter_status(params, slug, Path(data), Path(out))
+    why = retrain.adapter_status(params, slug, Path(data), Path(out))
     if why is None:
         logger.info("%s: the adapter is current (same data and params); skipped", slug)
         return {**run, "status": "unchanged"}
     logger.info("%s: training %d steps (%s)", slug, params.train.steps, why)
     summary = training.train(  # looked up at call time, so a test can inject a failure into it
         params, slug, Path(data), Path(out), progress=False, metrics_dir=Path(metrics) if metrics else None,
-        checkpoint_dir=Path(out).parent.parent / ".checkpoints" / slug,  # models/loras/x -> models/.checkpoints/x
         log_fn=lambda step, loss: logger.info("%s step %d/%d loss %.4f", slug, step, params.train.steps, loss))
     return {**run, "status": "trained", "reason": why, **summary.as_dict()}
 
@@ -132,14 +131,14 @@ def evaluate_bank(params: Params, curated: str, bank: str, metrics: str, reports
 @task(name="score-adapter", task_run_name="score-{slug}", cache_policy=INPUTS + TASK_SOURCE, **JSON)
 def score_adapter(params: Params, slug: str, bank: str, curated: str, key: str) -> float:
     """A keyword's held-out CLIP alignment with the bank's adapter; `key` (adapter and data digest) keys the cache."""
-    return promote.score(params, slug, bank=Path(bank), curated=Path(curated))
+    return retrain.score(params, slug, bank=Path(bank), curated=Path(curated))
 
 
 def gate_scores(params: Params, slugs: list[str], *, candidate_bank: str, bank: str, curated: str) -> dict:
     """[candidate, current] per keyword, on the same held-out images and seeds; current is None without an adapter."""
     scores = {}
     for slug in slugs:
-        new, live = (promote.score_key(Path(b), Path(curated), slug) for b in (candidate_bank, bank))
+        new, live = (retrain.score_key(Path(b), Path(curated), slug) for b in (candidate_bank, bank))
         scores[slug] = [score_adapter(params, slug, candidate_bank, curated, new),
                         score_adapter(params, slug, bank, curated, live) if live else None]
     return scores
@@ -148,9 +147,9 @@ def gate_scores(params: Params, slugs: list[str], *, candidate_bank: str, bank: 
 @task(name="promote", cache_policy=NO_CACHE, **JSON)
 def promote_adapters(params: Params, scores: dict, *, candidates: str, loras: str, bank: str,
                      candidate_metrics: str | None, metrics: str | None) -> dict:
-    """Gate each candidate against its current adapter, install the winners, swap the bank once (tipsen.promote)."""
-    decisions = [promote.decide(s, cand, cur, params.flows.promotion_margin) for s, (cand, cur) in scores.items()]
-    result = promote.promote(decisions, candidates=Path(candidates), loras=Path(loras), bank=Path(bank),
+    """Gate each candidate against its current adapter, install the winners, swap the bank once (tipsen.retrain)."""
+    decisions = [retrain.decide(s, cand, cur, params.flows.promotion_margin) for s, (cand, cur) in scores.items()]
+    result = retrain.promote(decisions, candidates=Path(candidates), loras=Path(loras), bank=Path(bank),
                              keywords=params.keywords, registry=Registry.load(), base_model=params.models.base,
                              candidate_metrics=Path(candidate_metrics) if candidate_metrics else None,
                              metrics=Path(metrics) if metrics else None)
@@ -160,20 +159,20 @@ def promote_adapters(params: Params, scores: dict, *, candidates: str, loras: st
 @task(name="detect-changes", cache_policy=NO_CACHE, **JSON)
 def detect_raw_changes(params: Params, raw: str, state: str) -> dict:
     """The keywords whose raw items were added, edited or removed since the last run (vs the state file)."""
-    digests = {s: d for s, d in promote.raw_digests(Path(raw), Registry.load()).items() if s in params.keywords}
-    previous = promote.load_state(Path(state))["raw"]
-    return {"changed": [s for s in promote.changed(digests, previous) if s in params.keywords], "digests": digests}
+    digests = {s: d for s, d in retrain.raw_digests(Path(raw), Registry.load()).items() if s in params.keywords}
+    previous = retrain.load_state(Path(state))["raw"]
+    return {"changed": [s for s in retrain.changed(digests, previous) if s in params.keywords], "digests": digests}
 
 
 @task(name="outdated-adapters", cache_policy=NO_CACHE, **JSON)
 def outdated_adapters(params: Params, curated: str, loras: str, state: str) -> dict:
     """Of the keywords whose curated data changed since the last run, those whose adapter is out of date, and why."""
-    digests = {s: promote.folder_digest(Path(curated) / s) for s in params.keywords}
-    changed = [s for s in promote.changed(digests, promote.load_state(Path(state))["curated"]) if s in digests]
+    digests = {s: retrain.folder_digest(Path(curated) / s) for s in params.keywords}
+    changed = [s for s in retrain.changed(digests, retrain.load_state(Path(state))["curated"]) if s in digests]
     outdated = {}
     for slug in changed:
         try:
-            why = promote.adapter_status(params, slug, Path(curated), Path(loras) / slug)
+            why = retrain.adapter_status(params, slug, Path(curated), Path(loras) / slug)
         except ConfigError as exc:  # e.g. no usable image left: training will fail and report it
             why = str(exc)
         if why:
@@ -183,18 +182,18 @@ def outdated_adapters(params: Params, curated: str, loras: str, state: str) -> d
 
 @task(name="dvc-lineage", cache_policy=NO_CACHE, **JSON)
 def record_lineage(root: str, outputs: list[str], downstream_of: str) -> dict:
-    """Record this run's outputs in dvc.lock, then rerun what is stale after the bank (tipsen.promote)."""
+    """Record this run's outputs in dvc.lock, then rerun what is stale after the bank (tipsen.retrain)."""
     if not (Path(root) / "dvc.yaml").is_file() or not (Path(root) / ".dvc").is_dir():
         get_run_logger().info("%s is not a DVC project; no lineage to record", Path(root).resolve())
         return {"skipped": "not a DVC project"}
-    return promote.record_lineage(Path(root), [Path(p) for p in outputs], downstream_of=Path(downstream_of))
+    return retrain.record_lineage(Path(root), [Path(p) for p in outputs], downstream_of=Path(downstream_of))
 
 
 @task(name="save-state", cache_policy=NO_CACHE, **JSON)
 def save_state(state: str, raw: dict, curated: dict, failed: list[str]) -> dict:
     """Remember this run's digests, except for failed keywords, so that the next run tries them again."""
-    old = promote.load_state(Path(state))
+    old = retrain.load_state(Path(state))
     new = {"raw": {**old["raw"], **{s: d for s, d in raw.items() if s not in failed}},
            "curated": {**old["curated"], **{s: d for s, d in curated.items() if s not in failed}}}
-    promote.save_state(Path(state), new)
+    retrain.save_state(Path(state), new)
     return {"state": state, "kept_for_next_run": sorted(failed)}

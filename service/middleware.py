@@ -11,6 +11,8 @@ import json
 import os
 import secrets
 
+from tipsen.errors import describe
+
 INTERNAL_HEADER = "x-tipsen-internal"
 INTERNAL_TOKEN = secrets.token_urlsafe(32)  # per process: lets the service call its own batch API, nobody else
 HEALTH_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
@@ -100,12 +102,9 @@ class Guard:
 
 
 def _one_line(detail: list) -> str:
-    """Pydantic errors as 'field: message' clauses."""
-    parts = []
-    for err in detail:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)
+    """Pydantic errors as 'field: message (got value)' clauses, formatted as everywhere in tipsen."""
+    return "; ".join(describe(err, skip=("body",), show_input=False) if isinstance(err, dict) else str(err)
+                     for err in detail)
 
 
 class ErrorShape:

@@ -1,13 +1,14 @@
 """The tipsen HTTP service: SDXL + the LoRA bank + the Senior Prompting Assistant, behind adaptive batching.
 
 Configuration comes from `params.yaml` (TIPSEN_PARAMS; profile: TIPSEN_PROFILE) and the bank index TIPSEN_BANK
-(default: generate.bank). Models and the bank load in a background thread: /livez answers at once, /readyz and
+(default: models/bank.json). Models and the bank load in a background thread: /livez answers at once, /readyz and
 the APIs answer 503 until loading is done. The bank is read once, at startup: after `tipsen bank build` (or
 `dvc repro`) restart the service to serve new or retrained adapters.
 
 POST /generate (JSON, base64 PNGs), POST /generate_png (one image/png body), POST /refine, GET /keywords,
-GET /route, GET / (the web page), /livez, /readyz. POST /generate_batch is private: /generate fans each request
-out to it, and BentoML's dispatcher forms the adaptive batches.
+GET /route, GET / (the web page), /livez, /readyz. POST /generate_batch is private: each handler resolves its request
+into a Plan (a bad request is a 400 before it is admitted) and sends the plan there; BentoML's dispatcher forms the
+adaptive batches, and each batch is refined by the assistant and drawn together.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
-from annotated_types import Ge, Le, MultipleOf
 from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse
 from PIL import Image
@@ -31,23 +31,21 @@ from starlette.staticfiles import StaticFiles
 
 from service.middleware import INTERNAL_HEADER, INTERNAL_TOKEN, ErrorShape, Guard
 from tipsen import paths
-from tipsen.assistant import SEED_MAX, Refinement
-from tipsen.config import load_params
+from tipsen.assistant import Refinement
+from tipsen.config import Seed, Slug, load_params
 from tipsen.errors import ConfigError
-from tipsen.generate import GenerationRequest
-from tipsen.registry import SLUG_PATTERN, Registry
+from tipsen.generate import GenerationRequest, PictureRequest, Plan
+from tipsen.registry import Registry
 
 log = logging.getLogger("tipsen.service")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = paths.ROOT
 STATIC = Path(__file__).resolve().parent / "static"
-PARAMS = load_params(os.environ.get("TIPSEN_PARAMS") or ROOT / "params.yaml")
+PARAMS = load_params(os.environ.get("TIPSEN_PARAMS") or ROOT / paths.PARAMS)
 GEN, SVC = PARAMS.generate, PARAMS.service
 BANK = Path(os.environ.get("TIPSEN_BANK") or ROOT / paths.BANK)
 
+# Over HTTP a prompt longer than generate.max_prompt_chars is refused rather than cut: a page can say so.
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=GEN.max_prompt_chars)]
-Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN)]
-Seed = Annotated[int, Ge(0), Le(SEED_MAX)]
-Size = Annotated[int, Ge(GEN.min_size), Le(GEN.max_size), MultipleOf(8)]
 
 
 def nullable(schema: dict) -> None:
@@ -63,21 +61,19 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=nullable)
 
 
-class PictureInput(Model):
+# The request models of tipsen.generate, with the HTTP API's defaults: the assistant on, and the prompt capped.
+class PictureInput(PictureRequest):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=nullable)
 
     prompt: Prompt
-    keyword: Slug | None = None  # a bank slug; None: routed from the prompt
     assist: bool = True
-    seed: Seed | None = None  # None: a random seed, returned in the response
-    steps: Annotated[int, Ge(1), Le(50)] = GEN.steps
-    guidance: Annotated[float, Ge(0), Le(20)] = GEN.guidance
-    lora_scale: Annotated[float, Ge(0), Le(2)] = GEN.lora_scale
-    width: Size | None = None  # None: generate.width, else the model's native size
-    height: Size | None = None
 
 
-class GenerateInput(PictureInput):
-    num_images: Annotated[int, Ge(1), Le(4)] = 1
+class GenerateInput(GenerationRequest):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=nullable)
+
+    prompt: Prompt
+    assist: bool = True
 
 
 class RefineInput(Model):
@@ -209,7 +205,7 @@ class Tipsen:
 
             PARAMS.log()
             self.registry = Registry.load()
-            curated = ROOT / "data" / "curated"
+            curated = ROOT / paths.CURATED
             self.assistant = Assistant.from_params(PARAMS, registry=self.registry,
                                                    curated=curated if curated.is_dir() else None)
             self.generator = Generator(PARAMS, bank=BANK, assistant=self.assistant, registry=self.registry)
@@ -236,22 +232,21 @@ class Tipsen:
     # ---------------------------------------------------------------- generation
 
     @bentoml.api(batchable=True, max_batch_size=SVC.max_batch_size, max_latency_ms=SVC.max_latency_ms)
-    def generate_batch(self, requests: list[GenerationRequest]) -> list[BatchItem]:
-        """Private: one adaptive batch (mixed keywords allowed) through Generator.generate_batch."""
+    def generate_batch(self, plans: list[Plan]) -> list[BatchItem]:
+        """Private: one adaptive batch of resolved plans (mixed keywords allowed), refined and drawn together."""
         try:
             with self.gpu:
-                results = self.generator.generate_batch(requests)
-            log.info("batch size %d: keywords %s", len(requests), [r.metadata.get("keyword") for r in results])
+                results = self.generator.render(self.generator.refine(plans))
+            log.info("batch size %d: keywords %s", len(plans), [r.metadata.get("keyword") for r in results])
             return [BatchItem(images=[png_b64(im) for im in r.images], metadata=r.metadata) for r in results]
         finally:
-            self.slots.release(len(requests))
+            self.slots.release(len(plans))
 
-    async def _generate(self, inp: PictureInput) -> BatchItem | JSONResponse:
+    async def _generate(self, inp: PictureRequest) -> BatchItem | JSONResponse:
         if (unavailable := self._unavailable()) is not None:
             return unavailable
-        try:
-            self._check_keyword(inp.keyword)
-            req = self.generator.validate(GenerationRequest(**inp.model_dump()))
+        try:  # the one validation of this request: a 400 here is never admitted
+            plan = self.generator.resolve(inp, refine=False)
         except ConfigError as exc:
             return error(400, str(exc))
         if not self.slots.acquire():
@@ -259,7 +254,7 @@ class Tipsen:
         # BentoML's pattern: call the batchable API through the service's own client, so the dispatcher batches.
         # Its sessions are built from `default_headers`; the token opens the private route to this process only.
         self.to_async.default_headers[INTERNAL_HEADER] = INTERNAL_TOKEN
-        call = asyncio.ensure_future(self.to_async.generate_batch([req]))
+        call = asyncio.ensure_future(self.to_async.generate_batch([plan]))
         call.add_done_callback(self._settle)
         try:
             return (await asyncio.shield(call))[0]  # a timeout cancels this wait, not the queued work
@@ -267,15 +262,6 @@ class Tipsen:
             if exc.error_code in (429, 503):  # shed by the dispatcher or the concurrency limit
                 return error(503, "busy: the batch queue is full; retry in a few seconds")
             raise
-
-    def _check_keyword(self, slug: str | None) -> None:
-        """An explicit keyword must be a usable bank slug (a routed one may fall back to the base model)."""
-        adapters = self.generator.status()["adapters"]
-        if slug is None or (slug in adapters and adapters[slug]["available"]):
-            return
-        allowed = ", ".join(s for s, a in adapters.items() if a["available"]) or "none (the bank is empty)"
-        why = f"is unavailable ({adapters[slug]['reason']})" if slug in adapters else "is not in the bank"
-        raise ConfigError(f"keyword: {slug!r} {why}; allowed: {allowed}")
 
     def _settle(self, call: asyncio.Future) -> None:
         """Free the slot of a request that never reached the batch API (that API frees the others)."""

@@ -498,3 +498,12 @@ def test_cli_run_writes_dataset_and_metrics(small, tmp_path):
     assert len(rows) == 12 and all(row["scores"]["relevance"] is None for row in rows)
     assert json.loads((tmp_path / "metrics/curate.json").read_text())["kept"] == 12
     assert (tmp_path / "metrics/curate_kept.csv").read_text().startswith("slug,kept\nyakgwa,3\n")
+
+
+def test_cli_writes_only_under_the_paths_it_was_given(small, tmp_path):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    r = _cli("--raw", str(small), "--out", str(tmp_path / "out"), "--per-keyword", "2", "--no-relevance",
+             "--no-progress", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert list(work.iterdir()) == [] and rows_of(tmp_path / "out")  # no metrics/ in the working directory

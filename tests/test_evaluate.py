@@ -95,13 +95,14 @@ def test_paired_comparison():
 
 
 def test_seeds_are_deterministic_and_shared_by_methods():
+    from tipsen.config import SEED_MAX
     from tipsen.evaluate import derive_seed
 
     seeds = [derive_seed(0, "gimjang", i) for i in range(50)]
     assert seeds == [derive_seed(0, "gimjang", i) for i in range(50)] and len(set(seeds)) == 50
     assert seeds != [derive_seed(0, "yakgwa", i) for i in range(50)]
     assert seeds != [derive_seed(1, "gimjang", i) for i in range(50)]
-    assert all(0 <= s < 2**31 for s in seeds)
+    assert all(0 <= s <= SEED_MAX for s in seeds)  # the one seed range, as requests accept
 
 
 def test_real_images_prefer_heldout_and_fall_back_to_all(tmp_path, caplog):
@@ -203,16 +204,16 @@ def setup(demo_raw, demo_params, registry, tmp_path_factory):
 
 @pytest.fixture()
 def count_generation(monkeypatch):
-    """Every request that reaches the Generation runtime, per batch."""
+    """Every plan that reaches the Generation runtime, per batch."""
     from tipsen.generate import Generator
 
-    calls, real = [], Generator.generate_batch
+    calls, real = [], Generator.render
 
-    def counted(self, reqs):
-        calls.append([(self.base, r.keyword, r.use_lora, r.seed) for r in reqs])
-        return real(self, reqs)
+    def counted(self, plans):
+        calls.append([(self.base, p.route.slug, p.adapter is not None, p.seed) for p in plans])
+        return real(self, plans)
 
-    monkeypatch.setattr(Generator, "generate_batch", counted)
+    monkeypatch.setattr(Generator, "render", counted)
     return calls
 
 
@@ -286,6 +287,7 @@ def test_outputs_exist_and_are_valid(first, setup):
     assert len(refined) == 4 and all(p.startswith("A realistic photo of") for p in refined)
     templates = {s["prompt"] for s in specs if s["assist"] is None}
     assert templates == {"A photo of Gimjang Tradition", "A photo of Yakgwa Food"}
+    assert [p.name for p in setup.rglob("*bank*.json")] == ["bank.json"]  # the real bank only, no stand-in index
 
 
 def test_score_matches_an_independent_clip_computation(first, setup):

@@ -324,7 +324,7 @@ def test_retrain_promotes_and_leaves_dvc_status_clean(demo_raw, prefect_api, tmp
 def test_deployments_carry_the_retrain_schedule(workspace):
     from prefect.client.orchestration import get_client
 
-    from flows.serve import deployments
+    from flows.deploy import deployments
     from tipsen.config import load_params
 
     params = load_params(workspace / "params.yaml")
@@ -349,7 +349,7 @@ def test_work_pool_trains_keywords_in_separate_workers(workspace, curated, prefe
     from prefect.workers.process import ProcessWorker
 
     from flows.pipeline import train_flow
-    from flows.serve import deploy_to_pool
+    from flows.deploy import deploy_to_pool
     from tipsen.config import load_params
 
     pool = "tipsen-test-pool"

@@ -192,25 +192,26 @@ def test_batches_split_only_on_incompatible_parameters(gen, monkeypatch):
 
 def test_bad_input_names_field_and_choices(gen):
     with pytest.raises(ConfigError, match=r"keyword: unknown keyword 'bulgogi'; allowed: .*gimjang.*yakgwa"):
-        gen.validate({"prompt": "x", "keyword": "bulgogi"})
+        gen.resolve({"prompt": "x", "keyword": "bulgogi"})
     with pytest.raises(ConfigError, match=r"width: 65 is not a multiple of 8; allowed: multiples of 8 from 32 to 256"):
-        gen.validate({"prompt": "x", "width": 65})
+        gen.resolve({"prompt": "x", "width": 65})
     with pytest.raises(ConfigError, match=r"height: 512 is out of bounds; allowed: .* to 256"):
-        gen.validate({"prompt": "x", "height": 512})
+        gen.resolve({"prompt": "x", "height": 512})
     with pytest.raises(ConfigError, match=r"prompt: empty; allowed: 1 to 1000 characters"):
-        gen.validate({"prompt": "   "})
+        gen.resolve({"prompt": "   "})
     for field, value, bound in [("steps", 0, "1"), ("steps", 80, "50"), ("guidance", 30.0, "20"),
-                                ("lora_scale", 3.0, "2"), ("num_images", 5, "4")]:
+                                ("lora_scale", 3.0, "2"), ("num_images", 5, "4"), ("seed", 2**32, "4294967295"),
+                                ("seed", -1, "0")]:
         with pytest.raises(ConfigError, match=rf"^{field}: .*{bound}.*\(got {value}\)"):
-            gen.validate({"prompt": "x", field: value})
+            gen.resolve({"prompt": "x", field: value})
     with pytest.raises(ConfigError, match=r"colour: unknown field; allowed: prompt, keyword"):
-        gen.validate({"prompt": "x", "colour": "red"})
+        gen.resolve({"prompt": "x", "colour": "red"})
 
 
 def test_long_prompt_truncated_with_warning(gen, caplog):
     prompt = "김장하는 할머니들 " * 200
     with caplog.at_level(logging.WARNING, logger="tipsen.generate"):
-        assert len(gen.validate({"prompt": prompt}).prompt) == 1000
+        assert len(gen.resolve({"prompt": prompt}).input) == 1000
     assert any("truncated" in r.getMessage() for r in caplog.records)
     result = gen.generate({"prompt": prompt, "seed": 0, "steps": STEPS})
     assert result.metadata["keyword"] == "gimjang"
@@ -235,6 +236,54 @@ def test_corrupt_adapter_unavailable_others_serve(demo_params, lora_root, regist
     assert bad.metadata["keyword"] == "yakgwa" and bad.metadata["adapter"] is None
     assert any("checksum mismatch" in w for w in bad.metadata["warnings"])
     assert good.metadata["adapter"] == "gimjang"
+    # Named explicitly, the keyword must be drawn with its adapter: a refusal, not a quiet base-model picture
+    # (the service answers 400 with the same line: tests/test_service.py).
+    with pytest.raises(ConfigError, match=r"^keyword: 'yakgwa' is unavailable \(checksum mismatch\); "
+                                          r"allowed: gimjang, hanok$"):
+        gen.resolve({"prompt": "x", "keyword": "yakgwa"})
+    base = gen.resolve({"prompt": "x", "keyword": "yakgwa", "use_lora": False})  # the base model, as asked
+    assert base.adapter is None and base.route.slug == "yakgwa" and base.warnings == ()
+
+
+def test_cli_refuses_an_explicit_keyword_without_adapter(demo_params, lora_root, registry, root, tmp_path, capsys):
+    from tipsen.cli import main
+
+    bank = _copy_bank(lora_root, tmp_path, registry) / "bank.json"
+    (tmp_path / "loras" / "hanok" / "pytorch_lora_weights.safetensors").unlink()
+    out = tmp_path / "out.png"
+    code = main(["generate", "우리 한옥", "--keyword", "hanok", "--params", str(root / "params.yaml"),
+                 "--profile", "demo", "--out", str(out), "--steps", str(STEPS), "--bank", str(bank)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert err[-1] == ("tipsen generate: error: keyword: 'hanok' is unavailable (file missing: "
+                       "pytorch_lora_weights.safetensors); allowed: gimjang, yakgwa")
+
+
+def test_plans_are_resolved_once_and_rendered_as_given(gen, demo_params, registry):
+    import dataclasses
+
+    from tipsen.generate import Generator, Plan
+
+    plan = gen.resolve({"prompt": "어릴 적 김장하던 날", "seed": 3, "steps": STEPS})
+    assert isinstance(plan, Plan) and dataclasses.is_dataclass(plan)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.seed = 4
+    assert (plan.adapter, plan.lora_scale, plan.width, plan.height, plan.steps, plan.guidance) == \
+        ("gimjang", 0.7, 64, 64, STEPS, 5.0)
+    assert plan.prompt == "A photo of Gimjang Tradition, 어릴 적 김장하던 날" and plan.input == "어릴 적 김장하던 날"
+    rendered = gen.render([plan])[0]
+    assert _same(rendered.images[0], gen.generate({"prompt": "어릴 적 김장하던 날", "seed": 3, "steps": STEPS}).images[0])
+    # A plan built by hand is drawn exactly as given: here the bare template, with no words appended.
+    bare = dataclasses.replace(plan, prompt="A photo of Gimjang Tradition")
+    assert gen.render([bare])[0].metadata["prompt"] == "A photo of Gimjang Tradition"
+    assert not _same(gen.render([bare])[0].images[0], rendered.images[0])
+    with pytest.raises(ValueError, match="not resolved for this generator"):
+        gen.render([dataclasses.replace(plan, adapter="sebae")])  # not in this bank
+    plain = Generator(demo_params, bank=None, registry=registry)  # no bank: no adapters, none loaded
+    assert plain.status()["adapters"] == {} and plain.status()["bank"] == {"path": None, "error": None}
+    assert plain.resolve({"prompt": "김장", "steps": STEPS}).adapter is None
+    with pytest.raises(ConfigError, match=r"^keyword: 'gimjang' has no adapter: no bank is loaded"):
+        plain.resolve({"prompt": "김장", "keyword": "gimjang"})
 
 
 def test_pickle_is_never_loaded(demo_params, lora_root, registry, tmp_path, monkeypatch):
@@ -298,7 +347,7 @@ def test_fused_lora_matches_unfused_and_unfuses_on_switch(demo_params, lora_root
 def test_assistant_prompt_is_used(demo_params, gen, monkeypatch):
     from pydantic import BaseModel
 
-    # A stand-in for tipsen.assistant (built separately); only its refine() contract matters here.
+    # A stand-in for tipsen.assistant (built separately); only its refine_batch() contract matters here.
     class Refined(BaseModel):
         prompt: str
         backend: str = "stub"
@@ -306,9 +355,9 @@ def test_assistant_prompt_is_used(demo_params, gen, monkeypatch):
     calls = []
 
     class Stub:
-        def refine(self, prompt, keyword=None, seed=None):
-            calls.append((prompt, keyword, seed))
-            return Refined(prompt="A photo of Gimjang Tradition, grandmothers salting cabbages")
+        def refine_batch(self, prompts, keywords=None, seeds=None):
+            calls.extend(zip(prompts, keywords, seeds))
+            return [Refined(prompt="A photo of Gimjang Tradition, grandmothers salting cabbages") for _ in prompts]
 
     monkeypatch.setattr(gen, "assistant", Stub())
     result = gen.generate({"prompt": "김장하는 할머니들", "seed": 4, "steps": STEPS, "assist": True})

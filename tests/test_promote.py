@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tipsen import promote
+from tipsen import retrain
 from tipsen.bank import WEIGHTS_NAME, Bank, build_bank
 from tipsen.errors import ConfigError
 from tipsen.io import sha256_file
@@ -41,7 +41,7 @@ def live(tmp_path, registry):
 
 
 def run_promote(models: Path, decisions, registry, **kw) -> dict:
-    return promote.promote(decisions, candidates=models / "candidates", loras=models / "loras",
+    return retrain.promote(decisions, candidates=models / "candidates", loras=models / "loras",
                            bank=models / "bank.json", keywords=["gimjang", "sebae"], registry=registry,
                            base_model="tiny:sdxl", **kw)
 
@@ -50,14 +50,14 @@ def run_promote(models: Path, decisions, registry, **kw) -> dict:
 
 
 def test_gate_promotes_within_the_margin_and_refuses_beyond_it():
-    assert promote.decide("gimjang", 0.50, 0.50, 0.0).promote  # equal is not worse
-    assert promote.decide("gimjang", 0.495, 0.50, 0.01).promote
-    refused = promote.decide("gimjang", 0.48, 0.50, 0.01)
+    assert retrain.decide("gimjang", 0.50, 0.50, 0.0).promote  # equal is not worse
+    assert retrain.decide("gimjang", 0.495, 0.50, 0.01).promote
+    refused = retrain.decide("gimjang", 0.48, 0.50, 0.01)
     assert not refused.promote and "worse than the margin 0.01" in refused.reason
-    assert not promote.decide("gimjang", 0.49, 0.50, 0.0).promote  # a margin of 0 forbids any drop
-    first = promote.decide("gimjang", 0.10, None, 0.0)
+    assert not retrain.decide("gimjang", 0.49, 0.50, 0.0).promote  # a margin of 0 forbids any drop
+    first = retrain.decide("gimjang", 0.10, None, 0.0)
     assert first.promote and first.reason == "no current adapter"
-    assert not promote.decide("gimjang", float("nan"), 0.50, 1.0).promote  # a broken score never wins
+    assert not retrain.decide("gimjang", float("nan"), 0.50, 1.0).promote  # a broken score never wins
 
 
 def test_promote_installs_the_winner_and_swaps_the_bank_in_one_rename(live, registry, tmp_path, monkeypatch):
@@ -70,7 +70,7 @@ def test_promote_installs_the_winner_and_swaps_the_bank_in_one_rename(live, regi
     renames = []
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append(Path(dst).name), real_replace(src, dst))[1])
-    decisions = [promote.decide("gimjang", 0.6, 0.5, 0.01), promote.decide("sebae", 0.3, 0.5, 0.01)]
+    decisions = [retrain.decide("gimjang", 0.6, 0.5, 0.01), retrain.decide("sebae", 0.3, 0.5, 0.01)]
     out = run_promote(live, decisions, registry, candidate_metrics=tmp_path / "cand-metrics",
                       metrics=tmp_path / "metrics")
 
@@ -93,7 +93,7 @@ def test_promote_installs_the_winner_and_swaps_the_bank_in_one_rename(live, regi
 def test_refusing_every_candidate_leaves_the_bank_untouched(live, registry):
     before = (live / "bank.json").stat()
     content = (live / "bank.json").read_bytes()
-    out = run_promote(live, [promote.decide("gimjang", 0.1, 0.5, 0.0)], registry)
+    out = run_promote(live, [retrain.decide("gimjang", 0.1, 0.5, 0.0)], registry)
     assert out["promoted"] == [] and out["refused"]["gimjang"].endswith("worse than the margin 0.0")
     after = (live / "bank.json").stat()
     assert (live / "bank.json").read_bytes() == content and after.st_ino == before.st_ino
@@ -104,9 +104,9 @@ def test_refusing_every_candidate_leaves_the_bank_untouched(live, registry):
 
 
 def test_raw_digests_change_only_for_the_keyword_whose_items_changed(raw_copy, registry):
-    before = promote.raw_digests(raw_copy, registry)
+    before = retrain.raw_digests(raw_copy, registry)
     assert {"gimjang", "sebae"} <= before.keys() and "pyramid" not in before  # unknown keywords are ignored
-    assert promote.raw_digests(raw_copy, registry) == before  # deterministic
+    assert retrain.raw_digests(raw_copy, registry) == before  # deterministic
 
     items = raw_copy / "items.jsonl"
     rows = [json.loads(line) for line in items.read_text().splitlines()]
@@ -118,35 +118,35 @@ def test_raw_digests_change_only_for_the_keyword_whose_items_changed(raw_copy, r
         f.write(json.dumps({"id": "new-2", "keyword": "pyramid", "image": "images/gimjang/new.png"}) + "\n")
         f.write(json.dumps({"id": "new-3", "keyword": "sebae", "image": "../../outside.png"}) + "\n")
         f.write("not json\n")
-    added = promote.raw_digests(raw_copy, registry)
-    assert promote.changed(added, before) == ["gimjang", "sebae"]  # sebae: an item added (its path is not read)
+    added = retrain.raw_digests(raw_copy, registry)
+    assert retrain.changed(added, before) == ["gimjang", "sebae"]  # sebae: an item added (its path is not read)
 
     sebae = next(r for r in rows if r["keyword"] == "sebae")
     Image.new("RGB", (200, 200), "red").save(raw_copy / sebae["image"], format="PNG")  # same record, new bytes
-    assert promote.changed(promote.raw_digests(raw_copy, registry), added) == ["sebae"]
-    assert promote.changed({"a": "1"}, {"a": "1", "b": "2"}) == ["b"]  # removed entirely
+    assert retrain.changed(retrain.raw_digests(raw_copy, registry), added) == ["sebae"]
+    assert retrain.changed({"a": "1"}, {"a": "1", "b": "2"}) == ["b"]  # removed entirely
 
 
 def test_state_round_trip_and_a_corrupt_state_file(tmp_path, caplog):
     path = tmp_path / "models" / ".retrain_state.json"
-    assert promote.load_state(path) == {"raw": {}, "curated": {}}
-    promote.save_state(path, {"raw": {"gimjang": "r"}, "curated": {"gimjang": "c"}})
-    assert promote.load_state(path) == {"raw": {"gimjang": "r"}, "curated": {"gimjang": "c"}}
+    assert retrain.load_state(path) == {"raw": {}, "curated": {}}
+    retrain.save_state(path, {"raw": {"gimjang": "r"}, "curated": {"gimjang": "c"}})
+    assert retrain.load_state(path) == {"raw": {"gimjang": "r"}, "curated": {"gimjang": "c"}}
     path.write_text("{truncated")
     with caplog.at_level(logging.WARNING):
-        assert promote.load_state(path) == {"raw": {}, "curated": {}}
+        assert retrain.load_state(path) == {"raw": {}, "curated": {}}
     assert "treating every keyword as changed" in caplog.text
 
 
 def test_folder_digest_sees_names_and_bytes(tmp_path):
-    assert promote.folder_digest(tmp_path / "missing") is None
+    assert retrain.folder_digest(tmp_path / "missing") is None
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.png").write_bytes(b"1")
-    first = promote.folder_digest(tmp_path / "d")
+    first = retrain.folder_digest(tmp_path / "d")
     (tmp_path / "d" / "a.png").write_bytes(b"2")
-    second = promote.folder_digest(tmp_path / "d")
+    second = retrain.folder_digest(tmp_path / "d")
     (tmp_path / "d" / "a.png").rename(tmp_path / "d" / "b.png")
-    assert len({first, second, promote.folder_digest(tmp_path / "d")}) == 3
+    assert len({first, second, retrain.folder_digest(tmp_path / "d")}) == 3
 
 
 def test_adapter_status_compares_the_recorded_data_and_params_hashes(tmp_path, demo_params):
@@ -163,15 +163,15 @@ def test_adapter_status_compares_the_recorded_data_and_params_hashes(tmp_path, d
     (data / "gimjang" / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
     examples = td.load_examples(data, "gimjang", resolution=r)
     out = tmp_path / "loras" / "gimjang"
-    assert promote.adapter_status(demo_params, "gimjang", data, out) == "no adapter"
+    assert retrain.adapter_status(demo_params, "gimjang", data, out) == "no adapter"
     adapter(out, 1.0, params_hash=params_hash(demo_params), dataset_hash=td.dataset_hash(examples))
-    assert promote.adapter_status(demo_params, "gimjang", data, out) is None
+    assert retrain.adapter_status(demo_params, "gimjang", data, out) is None
     more = demo_params.model_copy(update={"train": demo_params.train.model_copy(update={"steps": 31})})
-    assert promote.adapter_status(more, "gimjang", data, out) == "train params or base model changed"
+    assert retrain.adapter_status(more, "gimjang", data, out) == "train params or base model changed"
     Image.new("RGB", (r, r), "white").save(data / "gimjang" / "001.png")
-    assert promote.adapter_status(demo_params, "gimjang", data, out) == "data changed"
+    assert retrain.adapter_status(demo_params, "gimjang", data, out) == "data changed"
     with pytest.raises(ConfigError, match="metadata.jsonl not found"):
-        promote.adapter_status(demo_params, "sebae", data, tmp_path / "loras" / "sebae")
+        retrain.adapter_status(demo_params, "sebae", data, tmp_path / "loras" / "sebae")
 
 
 # ---------------------------------------------------------------- lineage
@@ -201,7 +201,7 @@ def test_record_lineage_commits_what_was_written_and_reruns_what_follows(tmp_pat
     (repo / "data" / "curated" / "a.txt").write_text("a\nb\n")
     (repo / "bank.json").write_text("a\nb\n")
 
-    out = promote.record_lineage(repo, [repo / "data" / "raw", repo / "data" / "curated", repo / "bank.json",
+    out = retrain.record_lineage(repo, [repo / "data" / "raw", repo / "data" / "curated", repo / "bank.json",
                                         tmp_path / "elsewhere"], downstream_of=repo / "bank.json")
     assert out["committed"] == ["bank", "curate", "data/raw.dvc"]
     assert out["untracked"] == [str(tmp_path / "elsewhere")]

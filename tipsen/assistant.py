@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import secrets
 import time
 import unicodedata
 from pathlib import Path
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tipsen.assistant_backends import (HANGUL, PHOTO_OF, PREFIX, OpenAIBackend, Reply, TemplateBackend,
                                        TransformersBackend, foreign_char, trim_words)
-from tipsen.config import SEED_MAX, AssistantParams, Params, load_params
+from tipsen.config import SEED_MAX, AssistantParams, Params, draw_seed, load_params
 from tipsen.errors import ConfigError
 from tipsen.registry import Keyword, Registry
 
@@ -164,7 +163,7 @@ class Assistant:
                 raise ConfigError(f"seed: {seed} is out of range; allowed: 0 to {SEED_MAX}")
             slug = slug or self.registry.route(text).slug
             kws.append(self.registry.get(slug, field="keyword") if slug else None)
-            used.append(secrets.randbelow(SEED_MAX + 1) if seed is None else seed)  # recorded: reproducible
+            used.append(draw_seed() if seed is None else seed)  # recorded: reproducible
         out: list[Refinement | None] = [None] * n
         attempts, reasons, pending = [0] * n, [None] * n, list(range(n))
 
@@ -213,7 +212,7 @@ def run(args) -> int:
     """Refine one prompt and print the Refinement as JSON."""
     params = load_params(args.params, profile=args.profile)
     if args.backend:
-        params = params.model_copy(update={"assistant": params.assistant.model_copy(update={"backend": args.backend})})
+        params = params.override("assistant", {"backend": args.backend}, flags=True)
     params.log()
     assistant = Assistant.from_params(params, curated=Path(args.curated))
     try:

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("tipsen.generate", "generate an image from a senior's prompt"),
     "refine": ("tipsen.assistant", "refine a prompt with the Senior Prompting Assistant"),
     "evaluate": ("tipsen.evaluate", "CLIP image-alignment evaluation (the paper's Table II)"),
-    "serve": ("tipsen.serve", "run the BentoML HTTP service"),
+    "serve": ("tipsen.server", "run the BentoML HTTP service"),
     "models": ("tipsen.models", "build tiny models or show where a model reference resolves"),
     "config": ("tipsen.config", "print the resolved params of a profile"),
 }

@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from tipsen import imaging
+from tipsen import imaging, paths
 from tipsen.config import CurateParams, Params, load_params
 from tipsen.errors import ConfigError
-from tipsen.io import publish_dir, sha256_file, write_json_atomic
+from tipsen.io import publish_dir, sha256_file, write_json_atomic, write_text_atomic
 from tipsen.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -343,16 +343,16 @@ def write_metrics(report: CurateReport, metrics: Path) -> None:
         "in": t.in_, "kept": t.kept, "rejected": t.rejected, "train": t.train, "heldout": t.heldout,
         "keywords": len(report.keywords), "short_keywords": len(report.short_keywords),
         "reasons": t.reasons, "kept_per_keyword": {s: g.kept for s, g in report.keywords.items()}})
-    csv = "slug,kept\n" + "".join(f"{s},{g.kept}\n" for s, g in report.keywords.items())
-    tmp = metrics / ".curate_kept.csv.tmp"
-    tmp.write_text(csv, encoding="utf-8")
-    tmp.replace(metrics / "curate_kept.csv")
+    write_text_atomic(metrics / "curate_kept.csv", "slug,kept\n" + "".join(f"{s},{g.kept}\n"
+                                                                         for s, g in report.keywords.items()))
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--raw", type=Path, default=Path("data/raw"), help="the raw export (items.jsonl + images)")
-    parser.add_argument("--out", type=Path, default=Path("data/curated"), help="output directory (replaced atomically)")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="where curate.json/curate_kept.csv go")
+    parser.add_argument("--raw", type=Path, default=paths.RAW, help=f"the raw export (default: {paths.RAW})")
+    parser.add_argument("--out", type=Path, default=paths.CURATED,
+                        help=f"output directory, replaced atomically (default: {paths.CURATED})")
+    parser.add_argument("--metrics", type=Path, default=None,
+                        help="write curate.json and curate_kept.csv (DVC metrics and plots) into this folder")
     parser.add_argument("--per-keyword", type=int, help="override curate.per_keyword")
     parser.add_argument("--workers", type=int, help="override curate.workers")
     parser.add_argument("--no-relevance", action="store_true", help="skip CLIP relevance (curate.relevance: false)")
@@ -363,14 +363,7 @@ def run(args) -> int:
     params = load_params(args.params, profile=args.profile)
     flags = {"per_keyword": args.per_keyword, "workers": args.workers,
              "relevance": False if args.no_relevance else None}
-    update = {k: v for k, v in flags.items() if v is not None}
-    try:
-        section = CurateParams(**{**params.curate.model_dump(), **update})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        flag = f"--{str(err['loc'][0]).replace('_', '-')}" if err["loc"] else "curate"
-        raise ConfigError(f"{flag}: {err['msg']} (got {err.get('input')!r})") from None
-    params = params.model_copy(update={"curate": section})
+    params = params.override("curate", {k: v for k, v in flags.items() if v is not None}, flags=True)
     report = curate(params, args.raw, args.out, metrics=args.metrics, progress=not args.no_progress)
     t = report.totals
     print(f"curated {t.kept} of {t.in_} items ({t.train} train, {t.heldout} heldout) into {args.out}; "

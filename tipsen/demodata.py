@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import tempfile
 from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from tipsen.io import publish_dir
 from tipsen.registry import Keyword, Registry
 
 # Each keyword's clean items; the last keyword gets fewer, so curation has a short keyword to flag.
@@ -96,70 +95,66 @@ def _text(kw: Keyword, j: int) -> str:
 def demo_data(out: Path, *, registry: Registry, per_keyword: int = DEFAULT_PER_KEYWORD, seed: int = 0) -> dict:
     """Write the export to `out` (atomically) and return counts. Byte-for-byte deterministic."""
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=".demo-data-"))
-    items: list[dict] = []
-    day0 = date(2015, 1, 1)
+    with publish_dir(out) as tmp:  # a rerun replaces the export whole, or leaves the old one
+        items: list[dict] = []
+        day0 = date(2015, 1, 1)
 
-    def add(slug_or_name: str, name: str, data: bytes, text: str, source: str) -> dict:
-        rel = f"images/{name}"
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / rel).write_bytes(data)
-        item = {"id": f"ks-{len(items):05d}", "keyword": slug_or_name, "image": rel, "text": text,
-                "source": source, "collected_at": (day0 + timedelta(days=3 * len(items))).isoformat()}
-        items.append(item)
-        return item
+        def add(slug_or_name: str, name: str, data: bytes, text: str, source: str) -> dict:
+            rel = f"images/{name}"
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+            item = {"id": f"ks-{len(items):05d}", "keyword": slug_or_name, "image": rel, "text": text,
+                    "source": source, "collected_at": (day0 + timedelta(days=3 * len(items))).isoformat()}
+            items.append(item)
+            return item
 
-    keywords = list(registry)
-    for ki, kw in enumerate(keywords):
-        rng = np.random.default_rng([seed, ki])
-        n = SHORT_KEYWORD_ITEMS if ki == len(keywords) - 1 else per_keyword
-        spellings = [kw.slug, kw.keyword, kw.ko]
-        clean: list[tuple[Image.Image, bytes]] = []
-        for j in range(n):
-            w, h = int(rng.integers(96, 320)), int(rng.integers(96, 320))
-            img = motif(ki, rng, w, h)
-            data = _encode(img, "JPEG", quality=int(rng.integers(80, 96))) if j % 2 else _encode(img, "PNG")
-            add(spellings[j % 3], f"{kw.slug}/{j:03d}.{'jpg' if j % 2 else 'png'}", data, _text(kw, j),
-                f"senior-news/article/{ki * 1000 + j}")
-            clean.append((img, data))
-        # Two messy items per keyword, cycling through every kind of mess across the keywords.
-        for m in range(2):
-            kind = MESS[(2 * ki + m) % len(MESS)]
-            img, data = clean[m]
-            src = f"senior-news/article/{ki * 1000 + 500 + m}"
-            if kind == "exact_dup":
-                add(kw.ko, f"{kw.slug}/dup-{m}.{'jpg' if m % 2 else 'png'}", data, _text(kw, m), src)
-            elif kind == "near_dup":
-                arr = np.clip(np.asarray(img, dtype=np.int16) + 6, 0, 255).astype(np.uint8)
-                add(kw.keyword, f"{kw.slug}/near-{m}.jpg", _encode(Image.fromarray(arr), "JPEG", quality=85),
-                    _text(kw, m), src)
-            elif kind == "empty_text":
-                base = motif(ki, rng, 200, 180)
-                add(kw.slug, f"{kw.slug}/notext-{m}.png", _encode(base, "PNG"), "   ", src)
-            else:
-                data, ext = _mess(kind, motif(ki, rng, 240, 200), rng)
-                add(kw.slug, f"{kw.slug}/{kind}-{m}.{ext}", data, _text(kw, m + 1), src)
+        keywords = list(registry)
+        for ki, kw in enumerate(keywords):
+            rng = np.random.default_rng([seed, ki])
+            n = SHORT_KEYWORD_ITEMS if ki == len(keywords) - 1 else per_keyword
+            spellings = [kw.slug, kw.keyword, kw.ko]
+            clean: list[tuple[Image.Image, bytes]] = []
+            for j in range(n):
+                w, h = int(rng.integers(96, 320)), int(rng.integers(96, 320))
+                img = motif(ki, rng, w, h)
+                data = _encode(img, "JPEG", quality=int(rng.integers(80, 96))) if j % 2 else _encode(img, "PNG")
+                add(spellings[j % 3], f"{kw.slug}/{j:03d}.{'jpg' if j % 2 else 'png'}", data, _text(kw, j),
+                    f"senior-news/article/{ki * 1000 + j}")
+                clean.append((img, data))
+            # Two messy items per keyword, cycling through every kind of mess across the keywords.
+            for m in range(2):
+                kind = MESS[(2 * ki + m) % len(MESS)]
+                img, data = clean[m]
+                src = f"senior-news/article/{ki * 1000 + 500 + m}"
+                if kind == "exact_dup":
+                    add(kw.ko, f"{kw.slug}/dup-{m}.{'jpg' if m % 2 else 'png'}", data, _text(kw, m), src)
+                elif kind == "near_dup":
+                    arr = np.clip(np.asarray(img, dtype=np.int16) + 6, 0, 255).astype(np.uint8)
+                    add(kw.keyword, f"{kw.slug}/near-{m}.jpg", _encode(Image.fromarray(arr), "JPEG", quality=85),
+                        _text(kw, m), src)
+                elif kind == "empty_text":
+                    base = motif(ki, rng, 200, 180)
+                    add(kw.slug, f"{kw.slug}/notext-{m}.png", _encode(base, "PNG"), "   ", src)
+                else:
+                    data, ext = _mess(kind, motif(ki, rng, 240, 200), rng)
+                    add(kw.slug, f"{kw.slug}/{kind}-{m}.{ext}", data, _text(kw, m + 1), src)
 
-    # Export-wide mess: a broken file, a fake image, an unknown keyword, a missing file, a cross-keyword copy.
-    first = (tmp / items[0]["image"]).read_bytes()
-    add(keywords[0].slug, "misc/truncated.jpg", _encode(motif(0, np.random.default_rng(seed), 200, 200), "JPEG")[:700],
-        "잘린 파일", "senior-news/article/90001")
-    add(keywords[1].slug, "misc/not-an-image.jpg", b"<html><body>404 Not Found</body></html>\n",
-        "이미지가 아닌 파일", "senior-news/article/90002")
-    add("pyramid", "misc/unknown-keyword.png", _encode(motif(3, np.random.default_rng(seed), 128, 128), "PNG"),
-        "알 수 없는 키워드", "senior-news/article/90003")
-    items.append({"id": f"ks-{len(items):05d}", "keyword": keywords[2].slug, "image": "images/misc/missing.png",
-                  "text": "없는 파일", "source": "senior-news/article/90004", "collected_at": "2024-01-01"})
-    add(keywords[3].slug, "misc/cross-keyword-copy.png", first, "다른 키워드에 올라간 같은 사진",
-        "senior-news/article/90005")
+        # Export-wide mess: a broken file, a fake image, an unknown keyword, a missing file, a cross-keyword copy.
+        first = (tmp / items[0]["image"]).read_bytes()
+        add(keywords[0].slug, "misc/truncated.jpg", _encode(motif(0, np.random.default_rng(seed), 200, 200), "JPEG")[:700],
+            "잘린 파일", "senior-news/article/90001")
+        add(keywords[1].slug, "misc/not-an-image.jpg", b"<html><body>404 Not Found</body></html>\n",
+            "이미지가 아닌 파일", "senior-news/article/90002")
+        add("pyramid", "misc/unknown-keyword.png", _encode(motif(3, np.random.default_rng(seed), 128, 128), "PNG"),
+            "알 수 없는 키워드", "senior-news/article/90003")
+        items.append({"id": f"ks-{len(items):05d}", "keyword": keywords[2].slug, "image": "images/misc/missing.png",
+                      "text": "없는 파일", "source": "senior-news/article/90004", "collected_at": "2024-01-01"})
+        add(keywords[3].slug, "misc/cross-keyword-copy.png", first, "다른 키워드에 올라간 같은 사진",
+            "senior-news/article/90005")
 
-    with open(tmp / "items.jsonl", "w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n")
-    tmp.chmod(0o755)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        with open(tmp / "items.jsonl", "w", encoding="utf-8") as f:
+            for item in items:
+                f.write(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n")
     return {"items": len(items), "keywords": len(keywords), "out": str(out)}
 
 

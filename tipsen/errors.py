@@ -16,13 +16,15 @@ def _shown(value: Any, limit: int = 80) -> str:
 
 
 def describe(err: Mapping[str, Any], *, prefix: str = "", allowed: Iterable[str] | None = None,
-             skip: Iterable[str] = ()) -> str:
+             skip: Iterable[str] = (), show_input: bool = True) -> str:
     """One pydantic error (from `exc.errors()` or its JSON form) as 'key: message (got value)'.
 
     `prefix` names where the error sits ('profiles.demo', '--' for flags); `skip` drops location parts that
-    are transport, not fields (BentoML's 'body'); `allowed` lists the valid keys for an unknown one.
+    are transport, not fields (BentoML's 'body'), unless nothing else is left; `allowed` lists the valid keys for
+    an unknown one; `show_input` False leaves the offending value out (a service echoes no user text).
     """
-    parts = [str(p) for p in err.get("loc", ()) if str(p) not in set(skip)]
+    loc_parts = [str(p) for p in err.get("loc", ())]
+    parts = [p for p in loc_parts if p not in set(skip)] or loc_parts
     loc = ".".join(parts)
     if prefix == "--":  # a command-line flag: --lora-scale
         key = f"--{loc.replace('_', '-')}" if loc else "arguments"
@@ -32,7 +34,7 @@ def describe(err: Mapping[str, Any], *, prefix: str = "", allowed: Iterable[str]
         names = sorted(allowed) if allowed is not None else []
         return f"{key}: unknown key" + (f"; allowed: {', '.join(names)}" if names else "")
     text = f"{key}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}"
-    return f"{text} (got {_shown(err['input'])})" if "input" in err and parts else text
+    return f"{text} (got {_shown(err['input'])})" if show_input and "input" in err and parts else text
 
 
 def first_error(exc: ValidationError, **kw: Any) -> str:

@@ -8,14 +8,11 @@ what is new. The math is in tipsen.metrics.
 from __future__ import annotations
 
 import csv
-import gc
 import hashlib
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from tipsen import metrics, paths
-from tipsen.config import EvalMethod, Params, load_params
+from tipsen.config import SEED_MAX, EvalMethod, Params, load_params
 from tipsen.errors import ConfigError
-from tipsen.io import sha256_file, sha256_json, write_json_atomic
+from tipsen.io import sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
 from tipsen.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -39,23 +36,11 @@ TINY_NOTE = ("DEMO NUMBERS: produced by random tiny models ({refs}); they say no
 
 def derive_seed(seed: int, slug: str, index: int) -> int:
     """The seed of a keyword's index-th image: the same for every method, independent of batching."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{slug}/{index}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+    return int.from_bytes(hashlib.sha256(f"{seed}/{slug}/{index}".encode()).digest()[:8], "big") % (SEED_MAX + 1)
 
 
 def method_id(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "method"
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- inputs
@@ -129,7 +114,7 @@ class Encoder:
             for i, emb in zip(chunk, self._forward([load(i) for i in chunk])):
                 buf = io.BytesIO()
                 np.save(buf, emb.astype(np.float32), allow_pickle=False)
-                _write_bytes_atomic(files[i], buf.getvalue())
+                write_bytes_atomic(files[i], buf.getvalue())
         return np.stack([np.load(f, allow_pickle=False) for f in files])
 
     def images(self, paths: list[Path]) -> np.ndarray:
@@ -156,13 +141,13 @@ def image_spec(params: Params, m: EvalMethod, slug: str, seed: int, adapter: str
     """Everything an image depends on; its hash names the cache file, so a changed setting never hits."""
     from tipsen.models import resolve_device
 
-    g = params.generate
+    s = m.sampling(params.generate)
     return {
         "v": CACHE_VERSION, "base": m.base, "pipeline_class": params.models.pipeline_class,
         "device": resolve_device(params.models.device), "dtype": params.models.dtype,
-        "lora": m.lora, "adapter": adapter, "lora_scale": m.lora_scale if m.lora else None,
-        "assist": extra.get("assist") if m.assist else None, "steps": m.steps, "guidance": m.guidance,
-        "width": m.width or g.width, "height": m.height or g.height, "negative": g.negative_prompt,
+        "lora": m.lora, "adapter": adapter, "lora_scale": s["lora_scale"] if m.lora else None,
+        "assist": extra.get("assist") if m.assist else None, "steps": s["steps"], "guidance": s["guidance"],
+        "width": s["width"], "height": s["height"], "negative": params.generate.negative_prompt,
         "keyword": slug, "seed": seed,
     }
 
@@ -179,73 +164,49 @@ def plan(run: Run, *, params: Params, slugs: list[str], cache: Path, adapters: d
     return todo
 
 
-class FixedPrompts:
-    """The Generator's assistant slot, answering with the prompt chosen here for each (keyword, seed).
+def protocol_plans(run: Run, todo: list[tuple[str, int, Path, dict]], generator, *, params: Params,
+                   registry: Registry, assistant=None) -> list:
+    """The protocol's exact plans: the paper's template prompt (or its refinement, made in one batched call with
+    the image's own seed, as the service would), the keyword's adapter or none, and the derived seed."""
+    from tipsen.generate import Plan
+    from tipsen.registry import Route
 
-    Each image then runs with exactly its protocol prompt: the bare template (the Generator would otherwise
-    append the caller's words to it) or the refinement made beforehand in one refine_batch call.
-    """
-
-    def __init__(self):
-        self.table: dict[tuple[str, int], object] = {}
-
-    def refine(self, prompt: str, *, keyword: str | None = None, seed: int | None = None):
-        return self.table[keyword, seed]
-
-
-@dataclass(frozen=True)
-class TemplatePrompt:
-    prompt: str
-
-    def model_dump(self) -> dict:
-        return {"prompt": self.prompt, "backend": "none (template prompt)"}
+    m = run.spec
+    s = m.sampling(params.generate)
+    width, height = generator.size(s["width"], s["height"])
+    template = [registry[slug].prompt for slug, *_ in todo]
+    refined = assistant.refine_batch(template, keywords=[t[0] for t in todo], seeds=[t[1] for t in todo]) \
+        if m.assist else [None] * len(todo)
+    return [Plan(prompt=r.prompt if r else words, seed=seed, steps=s["steps"], guidance=s["guidance"], width=width,
+                 height=height, adapter=generator.adapter_for(slug, field=f"{m.name}: LoRA") if m.lora else None,
+                 lora_scale=s["lora_scale"] if m.lora else 0.0, negative_prompt=params.generate.negative_prompt,
+                 input=words, route=Route(slug, slug, "explicit"), assist=m.assist,
+                 refined=r.model_dump() if r else None)
+            for (slug, seed, _, _), words, r in zip(todo, template, refined)]
 
 
-def generate_missing(run: Run, todo: list[tuple[str, int, Path, dict]], generator, prompts: FixedPrompts, *,
-                     params: Params, registry: Registry, assistant=None) -> None:
+def generate_missing(run: Run, todo: list[tuple[str, int, Path, dict]], generator, *, params: Params,
+                     registry: Registry, assistant=None) -> None:
     """Generate the missing images through the batched runtime (mixed-keyword batches) and cache them."""
-    from tipsen.generate import GenerationRequest
-
-    m, g, size = run.spec, params.generate, params.eval.batch_size
-    template = [registry[t[0]].prompt for t in todo]
-    if m.assist:  # refined first, with the image's own seed, as the service would
-        chosen = assistant.refine_batch(template, keywords=[t[0] for t in todo], seeds=[t[1] for t in todo])
-    else:
-        chosen = [TemplatePrompt(p) for p in template]
-    prompts.table = {(t[0], t[1]): c for t, c in zip(todo, chosen)}
-    for start in range(0, len(todo), size):
-        chunk = range(start, min(start + size, len(todo)))
-        reqs = [GenerationRequest(prompt=template[i], keyword=todo[i][0], seed=todo[i][1], steps=m.steps,
-                                  guidance=m.guidance, lora_scale=m.lora_scale, width=m.width or g.width,
-                                  height=m.height or g.height, num_images=1, assist=True, use_lora=m.lora)
-                for i in chunk]
-        for i, result in zip(chunk, generator.generate_batch(reqs)):
-            meta, (slug, seed, file, spec) = result.metadata, todo[i]
-            if meta.get("prompt") != chosen[i].prompt or (m.lora and meta.get("adapter") != slug):
-                raise RuntimeError(f"{slug} seed {seed}: generated with prompt {meta.get('prompt')!r} and adapter "
-                                   f"{meta.get('adapter')!r}, not the protocol's; warnings: {meta.get('warnings')}")
+    plans, size = protocol_plans(run, todo, generator, params=params, registry=registry, assistant=assistant), \
+        params.eval.batch_size
+    for start in range(0, len(plans), size):
+        chunk = range(start, min(start + size, len(plans)))
+        for i, result in zip(chunk, generator.render([plans[i] for i in chunk])):
             info = PngInfo()
-            info.add_text("tipsen", json.dumps({**spec, "prompt": chosen[i].prompt}))  # provenance
+            info.add_text("tipsen", json.dumps({**todo[i][3], "prompt": plans[i].prompt}))  # provenance
             buf = io.BytesIO()
             result.images[0].convert("RGB").save(buf, "PNG", pnginfo=info)
-            _write_bytes_atomic(file, buf.getvalue())
+            write_bytes_atomic(todo[i][2], buf.getvalue())
             run.generated += 1
-    log.info("%s: generated %d images", m.name, len(todo))
-
-
-def _free_memory() -> None:
-    """Return a released model's memory before the next base model is loaded."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    log.info("%s: generated %d images", run.spec.name, len(todo))
 
 
 def produce(runs: list[Run], *, params: Params, slugs: list[str], registry: Registry, curated: Path, cache: Path,
             bank: Path, adapters: dict[str, str]) -> None:
     """Plan every method against the cache, then load each base model that has work once, and generate."""
-    from tipsen.bank import BANK_FORMAT
+    from diffusers.training_utils import free_memory
+
     from tipsen.generate import Generator
 
     assist_cfg = {"assistant": params.assistant.model_dump(mode="json"), "llm": params.models.llm,
@@ -263,13 +224,11 @@ def produce(runs: list[Run], *, params: Params, slugs: list[str], registry: Regi
             log.exception("assistant failed to load")
             for r in (r for r in pending if r.spec.assist):
                 r.error = f"assistant: {type(exc).__name__}: {exc}"
-    empty_bank = cache / "empty_bank.json"  # base-only models skip loading every adapter of the bank
-    write_json_atomic(empty_bank, {"format": BANK_FORMAT, "base_model": None, "adapters": [], "missing": []})
     for base in dict.fromkeys(r.spec.base for r in pending if r.error is None):
-        group, prompts = [r for r in pending if r.spec.base == base and r.error is None], FixedPrompts()
-        try:
-            generator = Generator(params, base=base, bank=bank if any(r.spec.lora for r in group) else empty_bank,
-                                  assistant=prompts, registry=registry)
+        group = [r for r in pending if r.spec.base == base and r.error is None]
+        try:  # base-only methods load no adapter at all
+            generator = Generator(params, base=base, bank=bank if any(r.spec.lora for r in group) else None,
+                                  registry=registry)
         except Exception as exc:  # noqa: BLE001
             log.exception("base model %s failed to load", base)
             for r in group:
@@ -277,13 +236,12 @@ def produce(runs: list[Run], *, params: Params, slugs: list[str], registry: Regi
             continue
         for r in group:
             try:
-                generate_missing(r, todos[id(r)], generator, prompts, params=params, registry=registry,
-                                 assistant=assistant)
+                generate_missing(r, todos[id(r)], generator, params=params, registry=registry, assistant=assistant)
             except Exception as exc:  # noqa: BLE001
                 log.exception("method %s failed", r.spec.name)
                 r.error = f"{type(exc).__name__}: {exc}"
         del generator
-        _free_memory()
+        free_memory()  # before the next base model is loaded
     if assistant is not None:
         assistant.close()
 
@@ -414,7 +372,7 @@ def write_table(result: dict, path: Path) -> None:
             ci = f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c["ci95"] else "n/a"
             lines.append(f"| {c['a']} vs {c['b']} | {c['mean_diff']:+.4f} | {ci} | {c['wins']}/{c['n']} | "
                          f"{'yes' if c['significant'] else 'no'} |")
-    _write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -425,7 +383,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     for row in rows:
         writer.writerow({k: ("" if _r(row[k]) is None else _r(row[k])) if k not in keys[:3] else row[k]
                          for k in keys})
-    _write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
+    write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
 
 
 def _ascii(text: str) -> str:
@@ -466,7 +424,7 @@ def write_grid(runs: list[Run], *, slugs: list[str], real: dict[str, list[Path]]
                 label(x, y + c // 3, "failed" if error else "no image", c)
     buf = io.BytesIO()
     grid.save(buf, "PNG")
-    _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- the stage
@@ -575,13 +533,12 @@ def keyword_alignment(params: Params, slug: str, *, bank: Path, curated: Path, i
 
     The retraining gate calls this for a candidate bank and the current bank: same seeds, same real images.
     """
-    g, registry = params.generate, Registry.load()
+    registry = Registry.load()
     registry.get(slug, field="keyword")
-    ev = params.eval.model_copy(update={"images_per_keyword": images or params.eval.images_per_keyword,
-                                        "seed": params.eval.seed if seed is None else seed})
-    params = params.model_copy(update={"eval": ev})
-    run = Run(EvalMethod(name="SDXL+LoRA", base=params.models.base, lora=True, steps=g.steps, guidance=g.guidance,
-                         lora_scale=g.lora_scale, width=g.width, height=g.height))
+    params = params.override("eval", {"images_per_keyword": images or params.eval.images_per_keyword,
+                                      "seed": params.eval.seed if seed is None else seed})
+    ev = params.eval
+    run = Run(EvalMethod(name="SDXL+LoRA", base=params.models.base, lora=True))  # at the generate settings
     files, _ = real_images(Path(curated), slug, ev.real_images)
     if not files:
         raise ConfigError(f"curated: no curated images for {slug!r} under {curated}")

@@ -1,48 +1,81 @@
 """Generation: route a senior's words to a keyword, pick its LoRA from the bank, and sample.
 
-`Generator` loads one pipeline and every adapter of the bank once. `generate_batch` runs all requests that
-share steps, size and guidance as one diffusion batch whatever their keywords and LoRA scales (see
-tipsen.lora_batch); only those parameters split a batch. The CLI, the evaluation and the HTTP service call it.
+Two steps. `Generator.resolve(request)` validates a request once and settles everything about it (defaults,
+sizes, the keyword and its adapter, the seed, the assistant's prompt) into a frozen `Plan`. `Generator.render(plans)`
+only batches and diffuses: every plan that shares steps, size and guidance runs in one diffusion batch whatever its
+keyword and LoRA scale (see tipsen.lora_batch). The CLI and the service resolve requests; the evaluation builds its
+plans directly, with the protocol's exact prompt, adapter and seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
-import secrets
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tipsen import paths
-from tipsen.config import Params, load_params
-from tipsen.errors import ConfigError
+from tipsen.config import Guidance, LoraScale, NumImages, Params, Seed, Size, Slug, Steps, draw_seed, load_params
+from tipsen.errors import ConfigError, describe
+from tipsen.io import atomic_path
 from tipsen.registry import Registry, Route, normalize
 
 log = logging.getLogger(__name__)
 
+NO_ROUTE = Route(None, None, "none")
 
-class GenerationRequest(BaseModel):
-    """One caller's request. None takes the value from params (sizes: the model's native size)."""
+
+class PictureRequest(BaseModel):
+    """One picture's request. None takes the value from params (sizes: generate.width/height, else native)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
-    keyword: str | None = Field(None, max_length=64)  # a bank slug; None: routed from the prompt
-    seed: int | None = Field(None, ge=0, lt=2**63)  # None: drawn at random and reported
-    steps: int | None = Field(None, ge=1, le=50)
-    guidance: float | None = Field(None, ge=0.0, le=20.0)
-    lora_scale: float | None = Field(None, ge=0.0, le=2.0)
-    width: int | None = Field(None, ge=8, le=4096)
-    height: int | None = Field(None, ge=8, le=4096)
-    num_images: int = Field(1, ge=1, le=4)
-    assist: bool = False
-    use_lora: bool = True  # False: the base model only, as evaluation's baseline needs
+    prompt: str  # the senior's own words; generate.max_prompt_chars at most (longer is cut, with a warning)
+    keyword: Slug | None = None  # a bank slug; None: routed from the prompt
+    seed: Seed | None = None  # None: drawn at random and reported
+    steps: Steps | None = None
+    guidance: Guidance | None = None
+    lora_scale: LoraScale | None = None
+    width: Size | None = None
+    height: Size | None = None
+    assist: bool = False  # rewrite the prompt with the Senior Prompting Assistant
+    use_lora: bool = True  # False: the base model only, even for a keyword with an adapter
+
+
+class GenerationRequest(PictureRequest):
+    num_images: NumImages = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request with everything resolved: what `render` draws, and nothing it still has to look up or check."""
+
+    prompt: str  # what the pipeline sees
+    seed: int  # image j of the plan uses seed + j
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    adapter: str | None = None  # a loaded bank slug; None: the base model alone
+    lora_scale: float = 0.0  # applied only with an adapter
+    negative_prompt: str = ""
+    num_images: int = 1
+    input: str = ""  # the caller's own words
+    route: Route = NO_ROUTE  # how the keyword was chosen
+    assist: bool = False  # the assistant is to rewrite `prompt` (Generator.refine); done once `refined` is set
+    refined: dict | None = None  # the assistant's record (backend, attempts, fallback reason, ...)
+    refine_s: float = 0.0
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple:  # plans with equal keys share one diffusion batch
+        return self.steps, self.width, self.height, self.guidance
 
 
 @dataclass
@@ -51,41 +84,26 @@ class GenerationResult:
     metadata: dict[str, Any]
 
 
-@dataclass
-class _Plan:
-    """A validated request, routed and prompted, waiting for its diffusion batch."""
-
-    req: GenerationRequest
-    route: Route
-    prompt: str
-    seed: int
-    adapter: str | None
-    refined: dict | None
-    refine_s: float
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def key(self) -> tuple:  # requests with equal keys share one diffusion batch
-        return self.req.steps, self.req.width, self.req.height, self.req.guidance
-
-
-def as_request(req: GenerationRequest | dict) -> GenerationRequest:
+def as_request(req: PictureRequest | dict) -> GenerationRequest:
     """A request from a dict, with pydantic's first error as one line naming the field and its bounds."""
     if isinstance(req, GenerationRequest):
         return req
+    if isinstance(req, PictureRequest):  # already validated: one picture
+        return GenerationRequest.model_construct(**dict(req), num_images=1)
     try:
         return GenerationRequest.model_validate(req)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(map(str, err["loc"])) or "request"
         if err["type"] == "extra_forbidden":
+            loc = ".".join(map(str, err["loc"]))
             raise ConfigError(f"{loc}: unknown field; allowed: {', '.join(GenerationRequest.model_fields)}") from None
-        raise ConfigError(f"{loc}: {err['msg']} (got {err.get('input')!r})") from None
+        raise ConfigError(describe(err)) from None
 
 
 class Generator:
     def __init__(self, params: Params, *, base: str | None = None, bank: str | Path | None = None,
                  assistant=None, registry: Registry | None = None):
+        """`bank`: the bank index whose adapters are loaded; None: no adapters, the base model alone."""
         from tipsen.bank import Bank
         from tipsen.lora_batch import components, load_adapters
         from tipsen.models import load_pipeline
@@ -93,21 +111,22 @@ class Generator:
         self.cfg = params.generate
         self.base = base or params.models.base
         self.registry = registry or Registry.load()
-        self.assistant = assistant  # anything with refine(prompt, keyword=, seed=) -> .prompt, .model_dump()
+        self.assistant = assistant  # anything with refine_batch(prompts, keywords=, seeds=) -> [.prompt, .model_dump()]
         self.pipe = load_pipeline(self.base, pipeline_class=params.models.pipeline_class,
                                   device=params.models.device, dtype=params.models.dtype)
         self.modules = components(self.pipe)
         sample = self.pipe.unet.config.sample_size
         self.native = (sample if isinstance(sample, int) else sample[0]) * self.pipe.vae_scale_factor
-        self.bank_path, self.bank_error, self.entries, self.reasons = Path(bank or paths.BANK), None, {}, {}
-        try:
-            index = Bank(self.bank_path)
-        except ConfigError as exc:  # no bank yet: the base model still serves, and status() says why
-            self.bank_error = str(exc)
-            log.warning("%s; generating with the base model only", exc)
-        else:
-            self.entries = index.entries
-            self.reasons = load_adapters(self.pipe, index, set(self.registry.keywords))
+        self.bank_path, self.bank_error, self.entries, self.reasons = Path(bank) if bank else None, None, {}, {}
+        if bank is not None:
+            try:
+                index = Bank(self.bank_path)
+            except ConfigError as exc:  # no bank yet: the base model still serves, and status() says why
+                self.bank_error = str(exc)
+                log.warning("%s; generating with the base model only", exc)
+            else:
+                self.entries = index.entries
+                self.reasons = load_adapters(self.pipe, index, set(self.registry.keywords))
         self.available = sorted(slug for slug, reason in self.reasons.items() if reason is None)
         self._fused: tuple[str, float] | None = None
         self._lock = threading.Lock()  # one pipeline: diffusion batches run one at a time
@@ -117,7 +136,7 @@ class Generator:
         return {
             "base_model": self.base, "pipeline": type(self.pipe).__name__, "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "native_size": self.native,
-            "bank": {"path": str(self.bank_path), "error": self.bank_error},
+            "bank": {"path": str(self.bank_path) if self.bank_path else None, "error": self.bank_error},
             "fuse_lora": self.cfg.fuse_lora, "fused": self._fused[0] if self._fused else None,
             "adapters": {slug: {"available": reason is None, "reason": reason, "keyword": self.entries[slug].keyword,
                                 "ko": self.entries[slug].ko, "class_token": self.entries[slug].class_token}
@@ -128,33 +147,80 @@ class Generator:
         """An explicit keyword wins; else the longest registry name or alias found in the text; else none."""
         return self.registry.route(text, explicit=keyword)
 
-    def validate(self, req: GenerationRequest | dict) -> GenerationRequest:
-        """The request with every default resolved, or a ConfigError naming the field and what is allowed."""
-        return self._validate(req)[0]
-
-    def _validate(self, req) -> tuple[GenerationRequest, list[str]]:
-        req, cfg, notes = as_request(req), self.cfg, []
-        prompt = req.prompt.strip()
-        if not prompt:
-            raise ConfigError(f"prompt: empty; allowed: 1 to {cfg.max_prompt_chars} characters")
-        if len(prompt) > cfg.max_prompt_chars:
-            notes.append(f"prompt truncated from {len(prompt)} to {cfg.max_prompt_chars} characters")
-            log.warning(notes[-1])
-            prompt = prompt[:cfg.max_prompt_chars]
-        if req.keyword:
-            self.registry.get(req.keyword)  # unknown: a ConfigError listing the valid slugs
-        sizes = {}
-        for name in ("width", "height"):
-            value = getattr(req, name) or getattr(cfg, name) or self.native
+    def size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        """The picture size: the given one, else generate.width/height, else the model's native size; checked."""
+        cfg, sizes = self.cfg, []
+        for name, value in (("width", width), ("height", height)):
+            value = value or getattr(cfg, name) or self.native
             if value % 8 or not cfg.min_size <= value <= cfg.max_size:
                 problem = "is not a multiple of 8" if value % 8 else "is out of bounds"
                 raise ConfigError(f"{name}: {value} {problem}; allowed: multiples of 8 from {cfg.min_size} "
                                   f"to {cfg.max_size}")
-            sizes[name] = value
-        return req.model_copy(update=dict(
-            prompt=prompt, keyword=req.keyword or None, steps=req.steps or cfg.steps,
-            guidance=cfg.guidance if req.guidance is None else req.guidance,
-            lora_scale=cfg.lora_scale if req.lora_scale is None else req.lora_scale, **sizes)), notes
+            sizes.append(value)
+        return sizes[0], sizes[1]
+
+    def adapter_for(self, slug: str, *, field: str = "keyword") -> str:
+        """`slug` if its adapter is loaded, else a ConfigError naming why and the usable slugs."""
+        if slug in self.available:
+            return slug
+        if slug not in self.registry.keywords:
+            problem = f"unknown keyword {slug!r}"
+        elif slug in self.reasons:
+            problem = f"{slug!r} is unavailable ({self.reasons[slug]})"
+        else:
+            problem = f"{slug!r} is not in the bank ({self.bank_error or 'no adapter for it'})" if self.bank_path \
+                else f"{slug!r} has no adapter: no bank is loaded"
+        usable = [s for s, reason in self.reasons.items() if reason is None]  # in bank order
+        raise ConfigError(f"{field}: {problem}; allowed: {', '.join(usable) or 'none (the bank is empty)'}")
+
+    def resolve(self, request: GenerationRequest | dict, *, refine: bool = True) -> Plan:
+        """Validate a request once and settle it into a Plan, or raise a ConfigError naming the field.
+
+        A keyword named explicitly must have a usable adapter (unless use_lora is off); a routed keyword without
+        one is drawn by the base model, with the reason among the plan's warnings. `refine=False` leaves the
+        assistant's step to `refine` (the service runs it on the device, after admission)."""
+        req, cfg, notes = as_request(request), self.cfg, []
+        words = req.prompt.strip()
+        if not words:
+            raise ConfigError(f"prompt: empty; allowed: 1 to {cfg.max_prompt_chars} characters")
+        if len(words) > cfg.max_prompt_chars:
+            notes.append(f"prompt truncated from {len(words)} to {cfg.max_prompt_chars} characters")
+            log.warning(notes[-1])
+            words = words[:cfg.max_prompt_chars]
+        if req.keyword and not req.use_lora:
+            self.registry.get(req.keyword)  # unknown: a ConfigError listing the valid slugs
+        if req.assist and self.assistant is None:
+            raise ConfigError("assist: no prompting assistant is loaded here; send assist: false")
+        adapter = self.adapter_for(req.keyword) if req.keyword and req.use_lora else None
+        width, height = self.size(req.width, req.height)
+        route = self.route(words, req.keyword)
+        if route.slug and req.use_lora and not req.keyword:
+            adapter = route.slug if route.slug in self.available else None
+            if adapter is None:
+                why = self.reasons.get(route.slug) or self.bank_error or "not in the bank"
+                notes.append(f"no LoRA for {route.slug} ({why}); the base model is used")
+        plan = Plan(prompt=self._with_keyword(words, route.slug), seed=draw_seed() if req.seed is None else req.seed,
+                    steps=req.steps or cfg.steps, guidance=cfg.guidance if req.guidance is None else req.guidance,
+                    width=width, height=height, adapter=adapter,
+                    lora_scale=(cfg.lora_scale if req.lora_scale is None else req.lora_scale) if adapter else 0.0,
+                    negative_prompt=cfg.negative_prompt, num_images=req.num_images, input=words, route=route,
+                    assist=req.assist, warnings=tuple(notes))
+        return self.refine([plan])[0] if refine and plan.assist else plan
+
+    def refine(self, plans: list[Plan]) -> list[Plan]:
+        """The assistant's prompt for every plan that asks for it and has none yet, in one batched call."""
+        todo = [i for i, p in enumerate(plans) if p.assist and p.refined is None]
+        if not todo:
+            return list(plans)
+        t = time.perf_counter()
+        results = self.assistant.refine_batch([plans[i].input for i in todo],
+                                              keywords=[plans[i].route.slug for i in todo],
+                                              seeds=[plans[i].seed for i in todo])
+        each = (time.perf_counter() - t) / len(todo)
+        out = list(plans)
+        for i, r in zip(todo, results):
+            out[i] = dataclasses.replace(plans[i], prompt=r.prompt, refined=r.model_dump(), refine_s=each)
+        return out
 
     def _with_keyword(self, words: str, slug: str | None) -> str:
         """The paper's "A photo of [keyword] [class]", then the caller's own words (unless they already hold both)."""
@@ -165,33 +231,23 @@ class Generator:
             return words
         return f"{kw.prompt}, {words}"
 
-    def _plan(self, req: GenerationRequest, notes: list[str]) -> _Plan:
-        route = self.route(req.prompt, req.keyword)
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        t, refined = time.perf_counter(), None
-        if req.assist and self.assistant is not None:
-            result = self.assistant.refine(req.prompt, keyword=route.slug, seed=seed)
-            prompt, refined = result.prompt, result.model_dump()
-        else:
-            if req.assist:
-                notes.append("assist requested but no assistant is loaded; the template prompt is used")
-            prompt = self._with_keyword(req.prompt, route.slug)
-        adapter = route.slug if route.slug in self.available and req.use_lora else None
-        if route.slug and req.use_lora and adapter is None:
-            why = self.reasons.get(route.slug) or self.bank_error or "not in the bank"
-            notes.append(f"no LoRA for {route.slug} ({why}); the base model is used")
-        return _Plan(req, route, prompt, seed, adapter, refined, time.perf_counter() - t, notes)
-
     def generate(self, req: GenerationRequest | dict) -> GenerationResult:
         return self.generate_batch([req])[0]
 
     def generate_batch(self, reqs: list[GenerationRequest | dict]) -> list[GenerationResult]:
+        """Resolve every request, refine those that ask for it in one call, and render them together."""
+        return self.render(self.refine([self.resolve(r, refine=False) for r in reqs]))
+
+    def render(self, plans: list[Plan]) -> list[GenerationResult]:
         """One diffusion batch per (steps, size, guidance), at most generate.max_batch_size images each."""
         t0 = time.perf_counter()
-        plans = [self._plan(*self._validate(r)) for r in reqs]
+        for p in plans:  # a plan names only what this generator holds: anything else is a caller's bug
+            if (p.adapter is not None and p.adapter not in self.available) or (p.assist and p.refined is None):
+                raise ValueError(f"render: plan for {p.adapter or p.input!r} is not resolved for this generator "
+                                 f"(adapter {p.adapter!r}, assist {p.assist}, refined {p.refined is not None})")
         groups: dict[tuple, list[tuple[int, int]]] = {}
         for i, plan in enumerate(plans):
-            groups.setdefault(plan.key, []).extend((i, j) for j in range(plan.req.num_images))
+            groups.setdefault(plan.key, []).extend((i, j) for j in range(plan.num_images))
         images, diffusion, done = {}, [0.0] * len(plans), [0.0] * len(plans)
         with self._lock:
             for key, jobs in groups.items():
@@ -203,18 +259,18 @@ class Generator:
                     for i in {i for i, _ in chunk}:
                         diffusion[i] += time.perf_counter() - t
                         done[i] = time.perf_counter() - t0
-        return [GenerationResult([images[i, j] for j in range(p.req.num_images)], self._metadata(p, {
-            "queue": done[i] - diffusion[i] - p.refine_s, "refine": p.refine_s, "diffusion": diffusion[i],
-            "total": done[i]})) for i, p in enumerate(plans)]
+        return [GenerationResult([images[i, j] for j in range(p.num_images)], self._metadata(p, {
+            "queue": done[i] - diffusion[i], "refine": p.refine_s, "diffusion": diffusion[i],
+            "total": done[i] + p.refine_s})) for i, p in enumerate(plans)]
 
-    def _diffuse(self, key: tuple, jobs: list[tuple[_Plan, int]]) -> list:
+    def _diffuse(self, key: tuple, jobs: list[tuple[Plan, int]]) -> list:
         import torch
 
         from tipsen.lora_batch import fuse, per_sample, unfuse
 
         steps, width, height, guidance = key
         names = [p.adapter for p, _ in jobs]
-        scales = [p.req.lora_scale if p.adapter else 0.0 for p, _ in jobs]
+        scales = [p.lora_scale if p.adapter else 0.0 for p, _ in jobs]
         if self.cfg.fuse_lora and names[0] and len(set(zip(names, scales))) == 1:
             if self._fused != (names[0], scales[0]):  # fused weights serve only the one keyword they hold
                 unfuse(self.modules)
@@ -228,21 +284,20 @@ class Generator:
             hooks = per_sample(self.modules, names, scales)
         # One CPU generator per image: its noise is the same alone or in any batch, on any device.
         generators = [torch.Generator("cpu").manual_seed(p.seed + j) for p, j in jobs]
-        negative = [self.cfg.negative_prompt] * len(jobs) if self.cfg.negative_prompt else None
+        negative = [p.negative_prompt for p, _ in jobs] if any(p.negative_prompt for p, _ in jobs) else None
         with hooks:
             out = self.pipe(prompt=[p.prompt for p, _ in jobs], negative_prompt=negative, num_inference_steps=steps,
                             guidance_scale=guidance, width=width, height=height, generator=generators,
                             output_type="np")
         return self.pipe.numpy_to_pil(out.images)
 
-    def _metadata(self, p: _Plan, timings: dict[str, float]) -> dict[str, Any]:
-        r = p.req
+    def _metadata(self, p: Plan, timings: dict[str, float]) -> dict[str, Any]:
         return {
-            "keyword": p.route.slug, "route": p.route.as_dict(), "input": r.prompt, "prompt": p.prompt,
-            "refined": p.refined, "seed": p.seed, "steps": r.steps, "guidance": r.guidance,
-            "lora_scale": r.lora_scale if p.adapter else None, "width": r.width, "height": r.height,
-            "num_images": r.num_images, "model": self.base, "adapter": p.adapter,
-            "timings": {k: round(max(v, 0.0), 4) for k, v in timings.items()}, "warnings": p.notes,
+            "keyword": p.route.slug, "route": p.route.as_dict(), "input": p.input, "prompt": p.prompt,
+            "refined": p.refined, "seed": p.seed, "steps": p.steps, "guidance": p.guidance,
+            "lora_scale": p.lora_scale if p.adapter else None, "width": p.width, "height": p.height,
+            "num_images": p.num_images, "model": self.base, "adapter": p.adapter,
+            "timings": {k: round(max(v, 0.0), 4) for k, v in timings.items()}, "warnings": list(p.warnings),
         }
 
 
@@ -252,10 +307,8 @@ def save_png(image, path: Path, metadata: dict) -> Path:
 
     info = PngInfo()
     info.add_itxt("tipsen", json.dumps(metadata, ensure_ascii=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
@@ -300,8 +353,8 @@ def run(args) -> int:
     generator = Generator(params, bank=args.bank, assistant=assistant, registry=registry)
     result = generator.generate(req)
     out: Path = args.out
-    paths = [out] if len(result.images) == 1 else \
+    names = [out] if len(result.images) == 1 else \
         [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(result.images))]
-    files = [str(save_png(image, path, result.metadata)) for image, path in zip(result.images, paths)]
+    files = [str(save_png(image, path, result.metadata)) for image, path in zip(result.images, names)]
     print(json.dumps({**result.metadata, "files": files}, ensure_ascii=False, indent=2))
     return 0

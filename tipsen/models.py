@@ -10,12 +10,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
 from tipsen.errors import ConfigError
+from tipsen.io import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +232,8 @@ def tiny_path(name: str) -> Path:
     with FileLock(str(final) + ".lock"):
         if not final.exists():
             log.info("building tiny:%s into %s", name, final)
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
-            try:
+            with publish_dir(final) as tmp:
                 TINY_BUILDERS[name](tmp)
-                tmp.rename(final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
     return final
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tipsen import paths
 from tipsen import train_data as td
 from tipsen.bank import WEIGHTS_NAME, Bank, adapter_metadata, build_bank
 from tipsen.config import Params
@@ -25,7 +26,6 @@ from tipsen.registry import Registry
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = Path("models/.retrain_state.json")
 HISTORY_NAME = "promotions.jsonl"
 
 
@@ -63,7 +63,7 @@ def changed(current: dict[str, str | None], previous: dict[str, str | None]) -> 
     return sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
 
 
-def load_state(path: Path = STATE_FILE) -> dict:
+def load_state(path: Path = paths.STATE) -> dict:
     """The last run's digests ({"raw": {...}, "curated": {...}}); empty on the first run."""
     try:
         state = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -156,11 +156,8 @@ def promote(decisions: list[Decision], *, candidates: Path, loras: Path, bank: P
         if candidate_metrics and metrics and plot.is_file():  # the loss curve travels with its adapter
             (Path(metrics) / "train").mkdir(parents=True, exist_ok=True)
             os.replace(plot, Path(metrics) / "train" / f"{slug}.csv")
-    if promoted:
-        # Build the whole index beside the live one, then one rename: a reader sees the old bank or the new.
-        staged = bank.with_name(f".{bank.name}.next")
-        build_bank(Path(loras), staged, keywords=keywords, registry=registry, base_model=base_model)
-        os.replace(staged, bank)
+    if promoted:  # the whole index is rewritten in one rename: a reader sees the old bank or the new
+        build_bank(Path(loras), bank, keywords=keywords, registry=registry, base_model=base_model)
     with open(bank.parent / HISTORY_NAME, "a", encoding="utf-8") as f:
         for d in decisions:
             f.write(json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **d.as_dict()}) + "\n")

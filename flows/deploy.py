@@ -1,8 +1,8 @@
 """Deployments of the flows, for the Prefect UI (`prefect server start`, then http://127.0.0.1:4200).
 
-    python -m flows.serve                  serve curate, train, train-keyword, evaluate and retrain from this
+    python -m flows.deploy                 serve curate, train, train-keyword, evaluate and retrain from this
                                            process; retrain runs on flows.retrain_cron
-    python -m flows.serve --pool gpu       register them on the work pool `gpu` instead (code from this
+    python -m flows.deploy --pool gpu      register them on the work pool `gpu` instead (code from this
                                            directory, no image); then `prefect worker start --pool gpu` on
                                            each GPU machine, and set flows.work_pool: gpu to fan training out
 """
@@ -49,7 +49,7 @@ def deploy_to_pool(pool: str, params: Params, *, source: Path = ROOT, profile: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--profile", default=None, help="profile the deployments run (default: params.yaml's)")
     parser.add_argument("--pool", default=None, help="register on this work pool instead of serving")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params, profile=args.profile)
     except ConfigError as exc:
-        print(f"flows.serve: error: {exc}", file=sys.stderr)
+        print(f"flows.deploy: error: {exc}", file=sys.stderr)
         return 2
     if args.pool:
         ids = deploy_to_pool(args.pool, params, profile=args.profile)

@@ -16,7 +16,7 @@ from tipsen.bank import Bank
 from tipsen.config import load_params
 from tipsen.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = paths.ROOT
 SERVICE = "service.service:Tipsen"
 
 

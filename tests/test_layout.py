@@ -1,0 +1,66 @@
+"""The seams between modules: no import circle, and each rule defined in one place."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("tipsen", "flows", "service")
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every project module's project imports, including those inside functions (a lazy import is still an edge)."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p
+               for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    modules = {m.removesuffix(".__init__"): p for m, p in modules.items()}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def test_import_graph_has_no_circle():
+    graph, state, cycles = _imports(), {}, []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert len(graph) > 20 and graph["tipsen.config"]  # the walk really saw the package
+    assert cycles == [], " -> ".join(cycles[0])
+
+
+def _files(pattern: str) -> set[str]:
+    """The project files with a line matching `pattern`."""
+    rx = re.compile(pattern)
+    return {str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+            if any(rx.search(line) for line in p.read_text(encoding="utf-8").splitlines())}
+
+
+def test_one_definition_of_each_rule():
+    assert _files(r"2\s*\*\*\s*(31|32|63)|0x7FFFFFFF") == {"tipsen/config.py"}  # one seed range
+    for bound in (r"ge=1, le=50\b", r"le=20\.0\b", r"le=2\.0\)\]", r"ge=8, le=4096"):  # sampling bounds
+        assert _files(bound) == {"tipsen/config.py"}, bound
+    # one atomic writer: temporary names and renames live in tipsen/io.py (retrain only moves a finished file)
+    assert _files(r"mkstemp|mkdtemp|\.tmp\b") == {"tipsen/io.py"}
+    assert _files(r"os\.replace\(|\.rename\(") == {"tipsen/io.py", "tipsen/retrain.py"}
+    assert _files(r"^class ConfigError") == {"tipsen/errors.py"}
+    assert _files(r"def describe\(|\['msg'\]|\[\"msg\"\]") == {"tipsen/errors.py"}  # one error formatter
