@@ -77,3 +77,47 @@ def test_cli_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "tipsen.cli", "--help"], capture_output=True, text=True, check=True)
     for cmd in ("demo-data", "curate", "train", "bank", "generate", "refine", "evaluate", "serve"):
         assert f"  {cmd}" in out.stdout
+
+
+def test_override_revalidates_and_names_the_key_or_flag(demo_params):
+    changed = demo_params.override("train", {"steps": 3, "seed": 7})
+    assert (changed.train.steps, changed.train.seed) == (3, 7) and demo_params.train.steps == 20  # a copy
+    with pytest.raises(ConfigError, match=r"^train\.steps: Input should be greater than or equal to 1 \(got 0\)$"):
+        demo_params.override("train", {"steps": 0})
+    with pytest.raises(ConfigError, match=r"^--per-keyword: Input should be greater than or equal to 1 \(got 0\)$"):
+        demo_params.override("curate", {"per_keyword": 0}, flags=True)
+    with pytest.raises(ConfigError, match=r"^train\.stpes: unknown key; allowed: .*steps"):
+        demo_params.override("train", {"stpes": 3})
+    with pytest.raises(ConfigError, match=r"^sampler: not a params section; allowed: models, curate"):
+        demo_params.override("sampler", {"steps": 3})
+    with pytest.raises(ConfigError, match=r"^keywords: unknown slug 'pyramid'"):
+        demo_params.override(None, {"keywords": ["gimjang", "pyramid"]})
+    with pytest.raises(ConfigError, match=r"^eval\.methods\.0\.steps: Input should be less than or equal to 50"):
+        demo_params.override("eval", {"methods": [{"name": "x", "base": "tiny:sdxl", "steps": 51}]})
+
+
+def test_eval_methods_follow_the_generate_section_unless_they_say_otherwise(root):
+    from tipsen.config import EvalMethod
+
+    paper = load_params(root / "params.yaml", profile="paper")
+    g = paper.generate
+    for m in paper.eval.methods:  # the table draws exactly as the service and the promotion gate do
+        assert m.sampling(g) == {"steps": g.steps, "guidance": g.guidance, "lora_scale": g.lora_scale,
+                                 "width": g.width, "height": g.height}
+    moved = paper.override("generate", {"lora_scale": 0.5, "steps": 30})
+    assert {m.sampling(moved.generate)["lora_scale"] for m in moved.eval.methods} == {0.5}
+    own = EvalMethod(name="own", base="x", steps=4, lora_scale=1.0)
+    assert own.sampling(moved.generate) == {"steps": 4, "guidance": 5.0, "lora_scale": 1.0, "width": None,
+                                            "height": None}
+
+
+def test_each_stage_declares_the_params_it_reads(root):
+    stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    declared = {name: set(stage.get("params") or stage["do"].get("params")) for name, stage in stages.items()}
+    p = "profiles.${profile}."
+    # curation filters by the keyword list and scores relevance with CLIP on models.device
+    assert {"keywords", p + "curate", p + "models.clip", p + "models.device"} <= declared["curate"]
+    assert {p + "train", p + "models.base", p + "models.pipeline_class", p + "models.device"} <= declared["train"]
+    assert {"keywords", p + "models.base"} <= declared["bank"]
+    assert {"keywords", p + "eval", p + "generate", p + "assistant", p + "models"} <= declared["evaluate"]
+    assert "--metrics metrics" in stages["curate"]["cmd"] and "--metrics metrics" in stages["train"]["do"]["cmd"]

@@ -16,12 +16,13 @@ def _shown(value: Any, limit: int = 80) -> str:
 
 
 def describe(err: Mapping[str, Any], *, prefix: str = "", allowed: Iterable[str] | None = None,
-             skip: Iterable[str] = (), show_input: bool = True) -> str:
+             skip: Iterable[str] = (), show_input: bool = True, unknown: str = "key") -> str:
     """One pydantic error (from `exc.errors()` or its JSON form) as 'key: message (got value)'.
 
     `prefix` names where the error sits ('profiles.demo', '--' for flags); `skip` drops location parts that
     are transport, not fields (BentoML's 'body'), unless nothing else is left; `allowed` lists the valid keys for
-    an unknown one; `show_input` False leaves the offending value out (a service echoes no user text).
+    an unknown one (in the order given), called a `unknown` ("key" in params, "field" in a request);
+    `show_input` False leaves the offending value out (a service echoes no user text).
     """
     loc_parts = [str(p) for p in err.get("loc", ())]
     parts = [p for p in loc_parts if p not in set(skip)] or loc_parts
@@ -31,8 +32,8 @@ def describe(err: Mapping[str, Any], *, prefix: str = "", allowed: Iterable[str]
     else:
         key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "request")
     if err.get("type") == "extra_forbidden":
-        names = sorted(allowed) if allowed is not None else []
-        return f"{key}: unknown key" + (f"; allowed: {', '.join(names)}" if names else "")
+        names = list(allowed or ())
+        return f"{key}: unknown {unknown}" + (f"; allowed: {', '.join(names)}" if names else "")
     text = f"{key}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}"
     return f"{text} (got {_shown(err['input'])})" if show_input and "input" in err and parts else text
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tipsen import paths
 from tipsen.config import Guidance, LoraScale, NumImages, Params, Seed, Size, Slug, Steps, draw_seed, load_params
-from tipsen.errors import ConfigError, describe
+from tipsen.errors import ConfigError, first_error
 from tipsen.io import atomic_path
 from tipsen.registry import Registry, Route, normalize
 
@@ -93,17 +93,14 @@ def as_request(req: PictureRequest | dict) -> GenerationRequest:
     try:
         return GenerationRequest.model_validate(req)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        if err["type"] == "extra_forbidden":
-            loc = ".".join(map(str, err["loc"]))
-            raise ConfigError(f"{loc}: unknown field; allowed: {', '.join(GenerationRequest.model_fields)}") from None
-        raise ConfigError(describe(err)) from None
+        raise ConfigError(first_error(exc, allowed=GenerationRequest.model_fields, unknown="field")) from None
 
 
 class Generator:
     def __init__(self, params: Params, *, base: str | None = None, bank: str | Path | None = None,
-                 assistant=None, registry: Registry | None = None):
-        """`bank`: the bank index whose adapters are loaded; None: no adapters, the base model alone."""
+                 assistant=None, registry: Registry | None = None, pipe=None):
+        """`bank`: the bank index whose adapters are loaded; None: no adapters, the base model alone.
+        `pipe`: an already loaded pipeline instead of `base` (the full-size check builds SDXL at random)."""
         from tipsen.bank import Bank
         from tipsen.lora_batch import components, load_adapters
         from tipsen.models import load_pipeline
@@ -112,8 +109,8 @@ class Generator:
         self.base = base or params.models.base
         self.registry = registry or Registry.load()
         self.assistant = assistant  # anything with refine_batch(prompts, keywords=, seeds=) -> [.prompt, .model_dump()]
-        self.pipe = load_pipeline(self.base, pipeline_class=params.models.pipeline_class,
-                                  device=params.models.device, dtype=params.models.dtype)
+        self.pipe = pipe or load_pipeline(self.base, pipeline_class=params.models.pipeline_class,
+                                          device=params.models.device, dtype=params.models.dtype)
         self.modules = components(self.pipe)
         sample = self.pipe.unet.config.sample_size
         self.native = (sample if isinstance(sample, int) else sample[0]) * self.pipe.vae_scale_factor
