@@ -1,24 +1,30 @@
-"""Training data for the LoRA trainer: curated examples, and the content-addressed latent and text caches.
+"""Training data for the LoRA trainer: curated examples, the content-addressed latent and text caches, and the
+per-batch model inputs.
 
-Curation writes `data/curated/<slug>/metadata.jsonl`, one JSON object per image. The trainer encodes each
-image with the VAE once and each prompt with the text encoders once; both results are cached under
+Curation writes `data/curated/<slug>/metadata.jsonl`, one JSON object per image. `Inputs` encodes each image
+with the VAE once and each prompt with the text encoders once; both results are cached under
 `$TIPSEN_HOME/cache/` by a hash of their content and the model, so reruns and resumed runs skip the encoders.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from tipsen.errors import ConfigError
-from tipsen.io import sha256_json
+from tipsen.io import atomic_path, sha256_json
+from tipsen.models import cache_dir, resolve_ref
+
+if TYPE_CHECKING:
+    from tipsen.config import Params
+    from tipsen.registry import Keyword
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +132,8 @@ class TensorCache:
 
         if self.root is None:
             return
-        folder = self.root / kind
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, folder / f"{key}.safetensors")  # concurrent writers produce the same bytes
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(self.root / kind / f"{key}.safetensors") as tmp:  # concurrent writers write the same bytes
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def latent_dist(vae, batch):
@@ -195,7 +194,6 @@ def class_images(pipe, prompt: str, *, count: int, resolution: int, steps: int, 
 
     import torch
 
-    root.mkdir(parents=True, exist_ok=True)
     files = [root / f"{i:05d}.png" for i in range(count)]
     todo = [i for i, f in enumerate(files) if not f.is_file()]
     for start in range(0, len(todo), 4):
@@ -205,9 +203,76 @@ def class_images(pipe, prompt: str, *, count: int, resolution: int, steps: int, 
             images = pipe(prompt=[prompt] * len(chunk), generator=gens, num_inference_steps=steps,
                           height=resolution, width=resolution).images
         for i, img in zip(chunk, images):
-            tmp = files[i].with_suffix(".tmp")
-            img.convert("RGB").save(tmp, format="PNG")
-            os.replace(tmp, files[i])
+            with atomic_path(files[i]) as tmp:
+                img.convert("RGB").save(tmp, format="PNG")
     log.info("class images: %d cached, %d generated in %s", count - len(todo), len(todo), root)
     return [Example(f, hashlib.sha256(f.read_bytes()).hexdigest(), prompt, (resolution, resolution), (0, 0))
             for f in files]
+
+
+def autocast(device: str, dtype):
+    """Mixed precision when training in a half type; nothing in float32."""
+    import torch
+
+    return torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+class Inputs:
+    """One keyword's examples (then, with prior preservation, the class images) as UNet inputs.
+
+    The VAE posteriors and the prompt embeddings are encoded once, from the disk cache when possible; without
+    the cache, or for prompts when the text encoders are trained, they are encoded batch by batch."""
+
+    def __init__(self, pipe, params: Params, kw: Keyword, examples: list[Example], *, cache: bool, device: str,
+                 dtype, train_text: bool):
+        import torch
+
+        cfg = params.train
+        self.device, self.dtype, self.train_text = device, dtype, train_text
+        store = TensorCache(cache_dir() / "cache" if cache else None)
+        model_key = [params.models.base, resolve_ref(params.models.base), device, str(dtype)]
+        prior = []
+        if cfg.prior_preservation:
+            folder = cache_dir() / "cache" / "class_images" / store.key(model_key, kw.class_token, cfg.resolution,
+                                                                         cfg.sample_steps)
+            prior = class_images(pipe, f"A photo of {kw.class_token}", count=cfg.num_class_images,
+                                 resolution=cfg.resolution, steps=cfg.sample_steps, root=folder)
+        self.examples = examples + prior
+        self.n, self.n_prior = len(examples), len(prior)
+        self.prompts = [e.prompt for e in self.examples]
+        self.ids = torch.tensor([e.time_ids(cfg.resolution) for e in self.examples], dtype=torch.float32,
+                                device=device)
+        if pipe.vae.dtype != torch.float32:
+            pipe.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in half precision
+        self.scale = pipe.vae.config.scaling_factor
+        self.shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+        self.mean = self.std = self.embeds = self.pooled = None
+        if cache:
+            self.mean, self.std = (t.to(device) for t in cached_latents(
+                pipe.vae, self.examples, store, model_key, cfg.resolution))
+            if not train_text:
+                embeds, pooled = cached_prompts(pipe, self.prompts, store, model_key)
+                self.embeds = embeds.to(device, dtype)
+                self.pooled = pooled.to(device, dtype) if pooled is not None else None
+            pipe.vae = None
+        self.pipe = pipe if self.embeds is None or self.mean is None else None  # still needed for encoding
+        self.encoded = store.misses  # latents and prompts encoded because the cache missed
+
+    def batch(self, idx, generator):
+        """Scaled latents (a fresh draw from each posterior, from `generator`), prompt embeddings, pooled
+        embeddings (None for SD 1.x/2.x) and time ids for the example indices `idx`."""
+        import torch
+
+        on = idx.to(self.device)
+        if self.mean is not None:
+            mean, std = self.mean[on], self.std[on]
+        else:  # no cache: read, decode and encode the images of every batch
+            mean, std = latent_dist(self.pipe.vae, pixels([self.examples[i].file for i in idx.tolist()]))
+        eps = torch.randn(mean.shape, generator=generator).to(self.device)
+        latents = (mean + std * eps - self.shift) * self.scale
+        if self.embeds is not None:
+            embeds, pooled = self.embeds[on], (self.pooled[on] if self.pooled is not None else None)
+        else:  # with gradients when the text encoders are trained
+            with autocast(self.device, self.dtype), contextlib.nullcontext() if self.train_text else torch.no_grad():
+                embeds, pooled = encode_prompts(self.pipe, [self.prompts[i] for i in idx.tolist()])
+        return latents, embeds, pooled, self.ids[on]
