@@ -121,3 +121,10 @@ def test_each_stage_declares_the_params_it_reads(root):
     assert {"keywords", p + "models.base"} <= declared["bank"]
     assert {"keywords", p + "eval", p + "generate", p + "assistant", p + "models"} <= declared["evaluate"]
     assert "--metrics metrics" in stages["curate"]["cmd"] and "--metrics metrics" in stages["train"]["do"]["cmd"]
+    raw = _raw(root)  # DVC refuses to run a stage whose declared param is missing from params.yaml
+    for profile in raw["profiles"]:
+        for key in set().union(*declared.values()):
+            node = raw
+            for part in key.replace("${profile}", profile).split("."):
+                assert isinstance(node, dict) and part in node, f"{key} is not in params.yaml for {profile}"
+                node = node[part]
