@@ -30,12 +30,14 @@ ALL_KEYWORDS := $(shell sed -n 's/^- {slug: \([a-z0-9_-]*\),.*/\1/p' data/keywor
 paper: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp run -S profile=paper -S 'keywords=[$(ALL_KEYWORDS)]'
 
+# Every test, as CI runs it; installs chromium for the browser tests first where it can.
 test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/test-deps.sh
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
+# Every test not marked slow (no servers, browser, subprocess training or benchmark runs): a few minutes.
 test-fast: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
 
 bench: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks

@@ -24,16 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def workspace(root: Path, params, keywords: list[str]) -> tuple[Path, Path]:
     """The real curation of `keywords` from the demo export, and a bank of random adapters (as the tests build)."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    from tipsen.bank import build_bank
     from tipsen.curate import curate
     from tipsen.demodata import demo_data
-    from tipsen.models import resolve_ref
     from tipsen.registry import Registry
+    from tipsen.testing import random_bank
 
     registry = Registry.load()
     demo_data(root / "raw-all", registry=registry)
@@ -44,15 +38,8 @@ def workspace(root: Path, params, keywords: list[str]) -> tuple[Path, Path]:
         shutil.copy(root / "raw-all" / item["image"], root / "raw" / item["image"])
     (root / "raw" / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in keep), encoding="utf-8")
     curate(params, root / "raw", root / "curated", progress=False)
-    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
-    for i, slug in enumerate(keywords):
-        torch.manual_seed(i)
-        unet.add_adapter(LoraConfig(r=params.train.rank, lora_alpha=params.train.alpha, init_lora_weights=False,
-                                    target_modules=params.train.target_modules), adapter_name=slug)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
-        StableDiffusionXLPipeline.save_lora_weights(root / "loras" / slug, unet_lora_layers=layers,
-                                                    safe_serialization=True)
-    build_bank(root / "loras", root / "bank.json", keywords=keywords, registry=registry, base_model="tiny:sdxl")
+    random_bank(root, keywords, rank=params.train.rank, alpha=params.train.alpha,
+                target_modules=params.train.target_modules, seed=0, registry=registry)
     return root / "curated", root / "bank.json"
 
 

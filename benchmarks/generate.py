@@ -13,7 +13,6 @@ import gc
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from benchmarks.common import paired, summarize, table, write_result
@@ -21,35 +20,6 @@ from benchmarks.common import paired, summarize, table, write_result
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TIPSEN_HOME", str(ROOT / ".cache" / "tipsen"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def make_bank(out: Path, slugs: list[str], rank: int, registry) -> Path:
-    """Random LoRAs on to_q/k/v/out.0, saved and indexed exactly as the trainer and bank builder do."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    from tipsen.bank import build_bank
-    from tipsen.models import resolve_ref
-
-    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
-    for i, slug in enumerate(slugs):
-        torch.manual_seed(i)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                        init_lora_weights=False), adapter_name=slug)
-        with torch.no_grad():
-            for name, param in unet.named_parameters():
-                if f"lora_B.{slug}." in name:
-                    param.mul_(0.1)  # a trained adapter's magnitude, roughly; speed does not depend on it
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
-        StableDiffusionXLPipeline.save_lora_weights(out / "loras" / slug, unet_lora_layers=layers,
-                                                    safe_serialization=True)
-        unet.delete_adapters(slug)
-    build_bank(out / "loras", out / "bank.json", keywords=slugs, registry=registry, base_model="tiny:sdxl")
-    return out / "bank.json"
 
 
 def unet_scaling(pipe, size: int, reps: int) -> dict:
@@ -99,6 +69,7 @@ def main() -> None:
     from tipsen.config import load_params
     from tipsen.generate import Generator
     from tipsen.registry import Registry
+    from tipsen.testing import random_bank
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -115,7 +86,9 @@ def main() -> None:
                 "width": args.size, "height": args.size}
 
     with tempfile.TemporaryDirectory() as tmp:
-        bank = make_bank(Path(tmp), slugs, params.train.rank, registry)
+        # Random adapters at the demo's rank; lora_B x0.1 is a trained adapter's magnitude, roughly (speed does not
+        # depend on it).
+        bank = random_bank(Path(tmp), slugs, rank=params.train.rank, seed=0, scale=0.1, registry=registry)
         Generator(params, bank=Path(tmp) / "none.json", registry=registry)  # imports and first-load costs
         gc.collect()
 

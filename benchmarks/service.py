@@ -15,72 +15,27 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 from benchmarks.common import paired, table, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 SLUGS = ["gimjang", "yakgwa", "songpyeon", "kimbap"]
 
 
-def random_bank(out: Path) -> Path:
-    """Four random rank-4 adapters in the trainer's format (as the tests build them), indexed by build_bank."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    from tipsen.bank import build_bank
-    from tipsen.models import resolve_ref
-    from tipsen.registry import Registry
-
-    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
-    for i, slug in enumerate(SLUGS):
-        torch.manual_seed(i)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                    init_lora_weights=False), adapter_name=slug)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
-        StableDiffusionXLPipeline.save_lora_weights(str(out / "loras" / slug), unet_lora_layers=layers,
-                                                    safe_serialization=True)
-    build_bank(out / "loras", out / "bank.json", keywords=SLUGS, registry=Registry.load(), base_model="tiny:sdxl")
-    return out / "bank.json"
-
-
 def bench_params(out: Path, *, steps: int, size: int) -> Path:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    demo = raw["profiles"]["demo"]
-    demo["generate"] = {**demo.get("generate", {}), "steps": steps, "width": size, "height": size, "min_size": size,
-                        "max_size": size}
-    demo["assistant"] = {**demo.get("assistant", {}), "backend": "template"}
-    demo["service"] = {**demo.get("service", {}), "max_queue": 32, "max_concurrency": 80, "timeout_s": 600,
-                       "max_latency_ms": 600_000}  # measure batching, not load shedding
-    out.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return out
+    from tipsen.testing import write_params
 
-
-def start(params: Path, bank: Path, port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "tipsen.cli", "serve", "--params", str(params), "--profile", "demo",
-                             "--bank", str(bank), "--port", str(port)], cwd=ROOT, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited; see {log}")
-        time.sleep(0.5)
-    raise RuntimeError(f"server not ready; see {log}")
+    return write_params(out, {
+        "generate": {"steps": steps, "width": size, "height": size, "min_size": size, "max_size": size},
+        "assistant": {"backend": "template"},
+        "service": {"max_queue": 32, "max_concurrency": 80, "timeout_s": 600,
+                    "max_latency_ms": 600_000},  # measure batching, not load shedding
+    })
 
 
 def load(url: str, *, concurrency: int, total: int, keywords: list[str]) -> dict:
@@ -139,14 +94,16 @@ def main() -> None:
     per_level = (lambda c: 2) if args.smoke else (lambda c: max(4, c))  # every thread sends one request or more
     reps = 1 if args.smoke else 2
 
+    from tipsen.testing import Server, random_bank
+
     tmp = Path(tempfile.mkdtemp(prefix="tipsen-bench-"))
-    bank = args.bank or random_bank(tmp / "bank")
+    bank = args.bank or random_bank(tmp / "bank", SLUGS, seed=0)
     params = bench_params(tmp / "params.yaml", steps=steps, size=args.size)
-    log = tmp / "server.log"
-    url = f"http://127.0.0.1:{args.port}"
-    proc = start(params, bank, args.port, log)
+    server = Server(tmp, params=params, bank=bank, port=args.port)
+    log, url = server.log, server.url
     results: dict = {}
     try:
+        server.wait_ready(timeout=600)
         load(url, concurrency=2, total=4, keywords=SLUGS)  # warm-up
         before = len(batch_sizes(log))
         rows = [load(url, concurrency=c, total=per_level(c), keywords=SLUGS) for c in levels]
@@ -181,11 +138,7 @@ def main() -> None:
                       "overhead_s": direct["a"]["median"] - direct["b"]["median"],
                       "ratio": direct["ratio_a_over_b"]}]))
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        server.stop()
     out = write_result("service-smoke" if args.smoke else "service", results,
                        params={"steps": steps, "size": args.size, "levels": levels, "model": "tiny:sdxl",
                                "threads": args.threads,

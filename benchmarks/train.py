@@ -16,32 +16,14 @@ memory. With `--smoke` it only checks the architecture (parameter count, on the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from benchmarks.common import paired, table, timeit, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 SLUG = "yakgwa"
-
-
-def write_curated(root: Path, registry, slug: str, n: int, res: int) -> None:
-    """Curated-format data (metadata.jsonl + square PNGs), as `tipsen curate` writes it."""
-    from tipsen.demodata import motif
-
-    kw, ki = registry[slug], list(registry.keywords).index(slug)
-    folder = root / slug
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(ki)
-    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for j in range(n):
-            motif(ki, rng, res, res).save(folder / f"{j:03d}.png")
-            f.write(json.dumps({"file_name": f"{j:03d}.png", "slug": slug, "text": kw.ko, "prompt": kw.prompt,
-                                "original_size": [res, res], "crop_top_left": [0, 0], "split": "train"}) + "\n")
 
 
 SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
@@ -90,6 +72,7 @@ def sdxl_main(args) -> None:
 
     from tipsen.config import load_params
     from tipsen.registry import Registry
+    from tipsen.testing import write_curated
     from tipsen.train import Trainer
     from tipsen.train_data import load_examples
 
@@ -105,7 +88,7 @@ def sdxl_main(args) -> None:
     steps = 3 if args.smoke else args.steps
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_curated(tmp / "data", registry, SLUG, 4, cfg.resolution)
+        write_curated(tmp / "data", SLUG, n=4, heldout=0, res=cfg.resolution, registry=registry)
         examples = load_examples(tmp / "data", SLUG, resolution=cfg.resolution)
         t0 = time.perf_counter()
         if args.smoke:
@@ -157,6 +140,7 @@ def main() -> None:
 
     from tipsen.config import load_params
     from tipsen.registry import Registry
+    from tipsen.testing import write_curated
     from tipsen.train import Trainer
     from tipsen.train_data import encode_prompts, latent_dist, load_examples, pixels
 
@@ -165,7 +149,7 @@ def main() -> None:
     registry = Registry.load()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_curated(tmp / "data", registry, SLUG, images, params.train.resolution)
+        write_curated(tmp / "data", SLUG, n=images, heldout=0, res=params.train.resolution, registry=registry)
         examples = load_examples(tmp / "data", SLUG, resolution=params.train.resolution)
         cached = Trainer(params, registry[SLUG], examples, cache=True)
         fresh = Trainer(params, registry[SLUG], examples, cache=False)

@@ -7,6 +7,7 @@ import yaml
 
 from tipsen.config import load_params, parse_params
 from tipsen.errors import ConfigError
+from tipsen.testing import write_params
 
 
 def _raw(root):
@@ -51,20 +52,14 @@ def test_bad_params_name_the_key(root, mutate, needle):
     assert needle in str(exc.value)
 
 
-def test_unknown_keyword_slug(root, tmp_path):
-    raw = _raw(root)
-    raw["keywords"] = ["gimjang", "pyramid"]
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+def test_unknown_keyword_slug(tmp_path):
+    path = write_params(tmp_path / "params.yaml", keywords=["gimjang", "pyramid"])
     with pytest.raises(ConfigError, match="keywords: unknown slug 'pyramid'; allowed: yakgwa"):
         load_params(path)
 
 
-def test_cli_reports_bad_params_in_one_line(root, tmp_path):
-    raw = _raw(root)
-    raw["profiles"]["demo"]["curate"]["per_keyword"] = -3
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+def test_cli_reports_bad_params_in_one_line(tmp_path):
+    path = write_params(tmp_path / "params.yaml", {"curate": {"per_keyword": -3}})
     proc = subprocess.run([sys.executable, "-m", "tipsen.cli", "config", "--params", str(path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2

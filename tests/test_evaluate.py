@@ -106,19 +106,10 @@ def test_seeds_are_deterministic_and_shared_by_methods():
 
 
 def test_real_images_prefer_heldout_and_fall_back_to_all(tmp_path, caplog):
-    import json
-
-    from PIL import Image
-
     from tipsen.evaluate import real_images
+    from tipsen.testing import write_curated
 
-    folder = tmp_path / "gimjang"
-    folder.mkdir()
-    rows = []
-    for i in range(5):
-        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i:03d}.png")
-        rows.append({"file_name": f"{i:03d}.png", "slug": "gimjang", "split": "heldout" if i in (1, 3) else "train"})
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_curated(tmp_path, "gimjang", splits=["heldout" if i in (1, 3) else "train" for i in range(5)], res=8)
     files, source = real_images(tmp_path, "gimjang", 2)
     assert source == "heldout" and [f.name for f in files] == ["001.png", "003.png"]
     with caplog.at_level("INFO", logger="tipsen.evaluate"):
@@ -167,13 +158,8 @@ def setup(demo_raw, demo_params, registry, tmp_path_factory):
     import json
     import shutil
 
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    from tipsen.bank import build_bank
     from tipsen.curate import curate
-    from tipsen.models import resolve_ref
+    from tipsen.testing import random_bank
 
     root = tmp_path_factory.mktemp("eval")
     raw = root / "raw"
@@ -185,20 +171,7 @@ def setup(demo_raw, demo_params, registry, tmp_path_factory):
     (raw / "items.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in keep), encoding="utf-8")
     curate(demo_params.model_copy(update={"keywords": KEYWORDS}), raw, root / "curated", progress=False)
 
-    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
-    for i, slug in enumerate(KEYWORDS):
-        torch.manual_seed(100 + i)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                    init_lora_weights=False), adapter_name=slug)  # random: visibly changes images
-        with torch.no_grad():
-            for name, param in unet.named_parameters():
-                if f"lora_B.{slug}." in name:
-                    param.mul_(4.0)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
-        StableDiffusionXLPipeline.save_lora_weights(root / "models" / "loras" / slug, unet_lora_layers=layers,
-                                                    safe_serialization=True)
-    build_bank(root / "models" / "loras", root / "models" / "bank.json", keywords=KEYWORDS, registry=registry,
-               base_model="tiny:sdxl")
+    random_bank(root / "models", KEYWORDS, scale=4.0, registry=registry)  # lora_B x4: visibly changes images
     return root
 
 
@@ -379,18 +352,21 @@ def test_keyword_alignment_scores_an_adapter_on_the_same_images(first, setup, co
     assert score == pytest.approx(table, abs=1e-6)
 
 
-def test_dvc_metrics_and_plots_show_read_the_outputs(first, setup, root, tmp_path):
+def test_dvc_metrics_and_plots_show_read_the_outputs(first, setup, tmp_path):
     import json
     import shutil
     import subprocess
+    import sys
+    from pathlib import Path
 
     repo = tmp_path / "repo"
     shutil.copytree(setup / "first" / "metrics", repo / "metrics")
     (repo / "dvc.yaml").write_text(
         "metrics:\n  - metrics/eval.json\nplots:\n  - metrics/per_keyword.csv:\n"
         "      x: clip_align\n      y: label\n      template: bar_horizontal\n", encoding="utf-8")
-    dvc = lambda *a: subprocess.run([str(root / ".venv" / "bin" / "dvc"), *a], cwd=repo, check=True,  # noqa: E731
-                                    capture_output=True, text=True)
+    dvc_bin = Path(sys.executable).parent / "dvc"  # the dvc of this interpreter's environment
+    dvc = lambda *a: subprocess.run([str(dvc_bin), *a], cwd=repo, check=True, capture_output=True,  # noqa: E731
+                                    text=True)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     dvc("init", "-q")
     shown = dvc("metrics", "show", "--json")
@@ -404,17 +380,13 @@ def test_dvc_metrics_and_plots_show_read_the_outputs(first, setup, root, tmp_pat
     assert spec["encoding"]["y"]["field"] == "label" and len(spec["data"]["values"]) == 2 * 3
 
 
-def test_cli_prints_the_table_and_rejects_unknown_keywords(first, setup, root, tmp_path, capsys, count_generation):
-    import yaml
-
+def test_cli_prints_the_table_and_rejects_unknown_keywords(first, setup, tmp_path, capsys, count_generation):
     from tipsen.cli import main
+    from tipsen.testing import write_params
 
     params, result = first
-    raw = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
-    raw["keywords"] = KEYWORDS
-    raw["profiles"]["demo"]["eval"] = params.eval.model_dump(mode="json")
-    raw["profiles"]["demo"]["generate"]["steps"] = STEPS
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    write_params(tmp_path / "params.yaml", {"eval": params.eval.model_dump(mode="json"), "generate": {"steps": STEPS}},
+                 keywords=KEYWORDS)
     common = ["--params", str(tmp_path / "params.yaml"), "--curated", str(setup / "curated"),
               "--bank", str(setup / "models" / "bank.json"), "--cache", str(setup / "cache")]
     assert main(["evaluate", *common, "--metrics", str(tmp_path / "m"), "--reports", str(tmp_path / "r"),

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+
+from tipsen import testing
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYWORDS = ["gimjang", "sebae"]
@@ -28,18 +29,15 @@ MISSING = "hanbok"  # a registry keyword with no curated data: its training must
 
 def write_params(path: Path, **flows) -> Path:
     """The project's demo profile, shrunk: 2 keywords, 4 training steps, 2-step sampling, a 2-method eval."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    demo = raw["profiles"]["demo"]
-    demo["curate"].update(per_keyword=50, workers=1)  # keep every usable item, so new items always change data
-    demo["train"].update(steps=4, log_every=2, checkpoint_every=2, validation_seeds=[])
-    demo["generate"].update(steps=2)
-    demo["eval"].update(images_per_keyword=2, real_images=2, bootstrap=20, grid_keywords=2, methods=[
-        {"name": "SDXL (tiny)", "base": "tiny:sdxl", "steps": 2},
-        {"name": "SDXL+LoRA (tiny)", "base": "tiny:sdxl", "lora": True, "steps": 2}])
-    demo["flows"] = {**demo.get("flows", {}), "retry_delay_s": 0, "train_concurrency": 2, **flows}
-    path.write_text(yaml.safe_dump({"profile": "demo", "keywords": KEYWORDS, "profiles": {"demo": demo}},
-                                   allow_unicode=True), encoding="utf-8")
-    return path
+    return testing.write_params(path, {
+        "curate": {"per_keyword": 50, "workers": 1},  # keep every usable item, so new items always change data
+        "train": {"steps": 4, "log_every": 2, "checkpoint_every": 2, "validation_seeds": []},
+        "generate": {"steps": 2},
+        "eval": {"images_per_keyword": 2, "real_images": 2, "bootstrap": 20, "grid_keywords": 2, "methods": [
+            {"name": "SDXL (tiny)", "base": "tiny:sdxl", "steps": 2},
+            {"name": "SDXL+LoRA (tiny)", "base": "tiny:sdxl", "lora": True, "steps": 2}]},
+        "flows": {"retry_delay_s": 0, "train_concurrency": 2, **flows},
+    }, keywords=KEYWORDS)
 
 
 def export(src: Path, dst: Path, slugs: list[str]) -> Path:

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tipsen.errors import ConfigError
+from tipsen.testing import random_bank
 
 SLUGS = ["gimjang", "yakgwa", "hanok"]
 STEPS = 2
@@ -31,31 +31,8 @@ def _differ(a, b) -> float:
 @pytest.fixture(scope="session")
 def lora_root(tmp_path_factory, registry) -> Path:
     """Three random LoRAs saved as the trainer saves them, indexed by the real bank builder."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    from tipsen.bank import build_bank
-    from tipsen.models import resolve_ref
-
     root = tmp_path_factory.mktemp("bank")
-    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
-    for i, slug in enumerate(SLUGS):
-        torch.manual_seed(100 + i)
-        config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                            init_lora_weights=False)  # random lora_B: each adapter visibly changes the output
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters, on purpose
-            unet.add_adapter(config, adapter_name=slug)
-        with torch.no_grad():
-            for name, param in unet.named_parameters():
-                if f"lora_B.{slug}." in name:
-                    param.mul_(4.0)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
-        StableDiffusionXLPipeline.save_lora_weights(root / "loras" / slug, unet_lora_layers=layers,
-                                                    safe_serialization=True)
-    build_bank(root / "loras", root / "bank.json", keywords=SLUGS, registry=registry, base_model="tiny:sdxl")
+    random_bank(root, SLUGS, scale=4.0, registry=registry)  # lora_B x4: each adapter visibly changes the output
     return root
 
 

@@ -28,6 +28,7 @@ def smoke(root, tmp_path_factory) -> dict:
     return json.loads((out / "gpu_sdxl-smoke.json").read_text())
 
 
+@pytest.mark.slow  # reads the --smoke run of every section
 def test_every_section_reports_numbers(smoke):
     assert smoke["status"] == "complete" and smoke["errors"] == {}
     res = smoke["results"]
@@ -53,6 +54,7 @@ def test_every_section_reports_numbers(smoke):
     assert _num(row["compile_s"]) and _num(row["speedup"]) and _num(row["compiled_s_per_step"]["median"])
 
 
+@pytest.mark.slow  # reads the --smoke run of every section
 def test_mixed_batch_computes_each_samples_own_adapter(smoke):
     assert smoke["results"]["infer"]["mixed_path"].startswith("tipsen.lora_batch")  # the serving path is measured
     check = smoke["results"]["infer"]["mixed_check"]
@@ -60,6 +62,7 @@ def test_mixed_batch_computes_each_samples_own_adapter(smoke):
     assert check["ratio"] < 1e-4  # ...and each sample of the mixed batch got its own
 
 
+@pytest.mark.slow  # reads the --smoke run of every section
 def test_flops_counted_and_configs_are_sdxl(smoke):
     flops = smoke["flops"]
     assert flops["unet_forward"] > 0 and flops["vae_decode"] > 0 and flops["text_encode"] > 0

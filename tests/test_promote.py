@@ -18,6 +18,7 @@ from tipsen import retrain
 from tipsen.bank import WEIGHTS_NAME, Bank, build_bank
 from tipsen.errors import ConfigError
 from tipsen.io import sha256_file
+from tipsen.testing import write_curated
 
 
 def adapter(folder: Path, value: float, **meta: str) -> Path:
@@ -154,13 +155,7 @@ def test_adapter_status_compares_the_recorded_data_and_params_hashes(tmp_path, d
     from tipsen.train import params_hash
 
     data, r = tmp_path / "curated", demo_params.train.resolution
-    (data / "gimjang").mkdir(parents=True)
-    rows = []
-    for i in range(3):
-        Image.new("RGB", (r, r), (40 * i, 90, 200)).save(data / "gimjang" / f"{i:03d}.png")
-        rows.append({"file_name": f"{i:03d}.png", "split": "train", "prompt": "A photo of Gimjang Tradition",
-                     "text": "김장", "original_size": [r, r], "crop_top_left": [0, 0]})
-    (data / "gimjang" / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    write_curated(data, "gimjang", n=3, heldout=0, res=r)
     examples = td.load_examples(data, "gimjang", resolution=r)
     out = tmp_path / "loras" / "gimjang"
     assert retrain.adapter_status(demo_params, "gimjang", data, out) == "no adapter"

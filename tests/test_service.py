@@ -12,12 +12,10 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -33,114 +31,20 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
                                                response_schema_conformance, status_code_conformance)
 
+from tipsen.testing import SERVICE_CORRUPT as CORRUPT  # the small test service, shared with test_web.py
+from tipsen.testing import SERVICE_PARAMS as TEST_PARAMS
+from tipsen.testing import SERVICE_SIZE as SIZE
+from tipsen.testing import SERVICE_SLUGS as SLUGS
+from tipsen.testing import Server, random_bank, write_params
+
+pytestmark = pytest.mark.slow  # two real servers on the tiny models
+
 ROOT = Path(__file__).resolve().parent.parent
 KEY = f"tk-{secrets.token_hex(12)}"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-SLUGS = ["gimjang", "yakgwa", "songpyeon", "kimbap"]
-CORRUPT = "hanbok"
-SIZE = 64
-TEST_PARAMS = {  # the demo profile, made small: 64 px, few default steps, sizes 32-64, template assistant
-    "generate": {"steps": 4, "width": SIZE, "height": SIZE, "min_size": 32, "max_size": SIZE},
-    "assistant": {"backend": "template"},
-    "service": {"max_batch_size": 8, "max_latency_ms": 300000, "timeout_s": 300, "max_queue": 20,
-                "max_concurrency": 48},
-}
 
 
-# ---------------------------------------------------------------- helpers (also used by test_web.py)
-
-
-def make_bank(out: Path, slugs: list[str], *, corrupt: str | None = None) -> Path:
-    """Random rank-4 LoRA adapters in the trainer's format, indexed with build_bank; `corrupt` gets a flipped byte."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    from tipsen.bank import WEIGHTS_NAME, build_bank
-    from tipsen.models import resolve_ref
-    from tipsen.registry import Registry
-
-    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
-    names = slugs + ([corrupt] if corrupt else [])
-    warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: on purpose
-    for i, slug in enumerate(names):
-        torch.manual_seed(100 + i)
-        config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                            init_lora_weights=False)  # random lora_B: each adapter visibly changes the image
-        unet.add_adapter(config, adapter_name=slug)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=slug))
-        StableDiffusionXLPipeline.save_lora_weights(str(out / "loras" / slug), unet_lora_layers=layers,
-                                                    safe_serialization=True)
-    build_bank(out / "loras", out / "bank.json", keywords=names, registry=Registry.load(), base_model="tiny:sdxl")
-    if corrupt:  # the file stays in place, its bytes no longer match the index
-        weights = out / "loras" / corrupt / WEIGHTS_NAME
-        data = bytearray(weights.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        weights.write_bytes(bytes(data))
-    return out / "bank.json"
-
-
-def write_params(path: Path, sections: dict) -> Path:
-    """The repository's params.yaml with `sections` merged into profiles.demo."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    demo = raw["profiles"]["demo"]
-    for name, values in sections.items():
-        demo[name] = {**(demo.get(name) or {}), **values}
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`tipsen serve` in a subprocess; its output goes to a log file that tests read."""
-
-    def __init__(self, tmp: Path, *, params: Path, bank: Path, key: str | None = None, extra_env: dict | None = None):
-        self.port, self.log = free_port(), tmp / "server.log"
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if k != "TIPSEN_API_KEY"}
-        env.update({"TIPSEN_API_KEY": key} if key else {})
-        env.update(extra_env or {})
-        self._out = open(self.log, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tipsen.cli", "serve", "--params", str(params), "--profile", "demo",
-             "--bank", str(bank), "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.readiness: list[int | None] = []  # /readyz answers from the moment the process started
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
-            try:
-                status = httpx.get(f"{self.url}/readyz", timeout=5).status_code
-            except httpx.HTTPError:
-                status = None  # not listening yet
-            self.readiness.append(status)
-            if status == 200:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.logs()[-4000:]}")
-
-    def logs(self) -> str:
-        self._out.flush()
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)  # the server's own process group: bentoml and its workers
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
-        self._out.close()
+# ---------------------------------------------------------------- helpers
 
 
 def png(data: bytes) -> Image.Image:
@@ -155,7 +59,7 @@ def png(data: bytes) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory) -> Path:
-    return make_bank(tmp_path_factory.mktemp("bank"), SLUGS, corrupt=CORRUPT)
+    return random_bank(tmp_path_factory.mktemp("bank"), SLUGS, corrupt=CORRUPT)
 
 
 @pytest.fixture(scope="module")

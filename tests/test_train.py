@@ -16,8 +16,8 @@ import yaml
 
 from tipsen.bank import WEIGHTS_NAME, adapter_metadata, build_bank
 from tipsen.errors import ConfigError
-from tipsen.demodata import motif
 from tipsen.io import sha256_file
+from tipsen.testing import write_curated, write_params
 from tipsen.train import CHECKPOINT_NAME, TrainingError, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,24 +35,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def write_curated(root: Path, slug: str, registry, *, n: int = 4, heldout: int = 1, seed: int = 0, res: int = 64):
-    """Curated-format data for one keyword: motif PNGs at `res` plus metadata.jsonl, as curation writes them."""
-    kw, ki = registry[slug], list(registry.keywords).index(slug)
-    folder = root / slug
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng([seed, ki])
-    rows = []
-    for j in range(n + heldout):
-        name = f"{j:03d}.png"
-        motif(ki, rng, res, res).save(folder / name)
-        rows.append({"file_name": name, "slug": slug, "text": f"{kw.ko} 사진 {j}", "prompt": kw.prompt,
-                     "original_size": [200 + j, 300], "crop_top_left": [0, 50], "scores": {"clip": 0.3},
-                     "source_id": f"senior-news/article/{j}", "split": "train" if j < n else "heldout"})
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                           encoding="utf-8")
-    return root
-
-
 def with_train(params, **train_updates):
     # model_copy skips validation on purpose: the NaN test needs a learning rate outside the allowed range.
     return params.model_copy(update={"train": params.train.model_copy(update=train_updates)})
@@ -61,7 +43,7 @@ def with_train(params, **train_updates):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, registry) -> Path:
     root = tmp_path_factory.mktemp("curated")
-    write_curated(root, SLUG, registry)
+    write_curated(root, SLUG, registry=registry)
     return root
 
 
@@ -191,7 +173,7 @@ def test_bad_data_is_a_one_line_config_error(quick, data, tmp_path, registry):
         train(quick, "nosuch", data, tmp_path / "o")
     with pytest.raises(ConfigError, match="metadata.jsonl not found"):
         train(quick, OTHER, data, tmp_path / "o")
-    bad = write_curated(tmp_path / "bad", SLUG, registry, res=32)
+    bad = write_curated(tmp_path / "bad", SLUG, registry=registry, res=32)
     with pytest.raises(ConfigError, match="needs RGB 64x64"):
         train(quick, SLUG, bad, tmp_path / "o")
     meta = bad / SLUG / "metadata.jsonl"
@@ -253,14 +235,6 @@ def test_sd15_pipeline_and_text_encoder_lora_with_prior(demo_params, data, tmp_p
     assert pipe.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}
 
 
-def _params_file(path: Path, keywords: list[str], **train_updates) -> Path:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    raw["profile"], raw["keywords"] = "demo", keywords
-    raw["profiles"]["demo"]["train"].update(train_updates)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return path
-
-
 def _env() -> dict:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
             "DVC_NO_ANALYTICS": "1"}
@@ -269,8 +243,9 @@ def _env() -> dict:
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(data, tmp_path, trained):
     # The shared fixture's params, written as a params file, so the uninterrupted reference is that fixture.
-    params_file = _params_file(tmp_path / "params.yaml", [SLUG], steps=4, checkpoint_every=2, log_every=1,
-                               validation_seeds=[0, 1], sample_steps=2)
+    params_file = write_params(tmp_path / "params.yaml", {"train": dict(steps=4, checkpoint_every=2, log_every=1,
+                                                                       validation_seeds=[0, 1], sample_steps=2)},
+                               keywords=[SLUG])
     out, ckpt = tmp_path / "models" / "loras" / SLUG, tmp_path / "ckpt"
     cmd = [str(BIN / "tipsen"), "train", SLUG, "--params", str(params_file), "--data", str(data), "--out", str(out),
            "--checkpoint-dir", str(ckpt), "--metrics", str(tmp_path / "metrics"), "--no-progress"]
@@ -304,9 +279,10 @@ def test_dvc_repro_retrains_only_the_keyword_whose_data_changed(tmp_path, regist
         if dep.startswith("tipsen/"):  # code deps are copied; the command runs the installed package
             (repo / dep).parent.mkdir(parents=True, exist_ok=True)
             (repo / dep).write_bytes((ROOT / dep).read_bytes())
-    _params_file(repo / "params.yaml", [SLUG, OTHER], steps=2, checkpoint_every=1, validation_seeds=[])
+    write_params(repo / "params.yaml", {"train": dict(steps=2, checkpoint_every=1, validation_seeds=[])},
+                 keywords=[SLUG, OTHER])
     for slug in (SLUG, OTHER):
-        write_curated(repo / "data" / "curated", slug, registry, n=2, heldout=0)
+        write_curated(repo / "data" / "curated", slug, registry=registry, n=2, heldout=0)
 
     def sh(*args):
         done = subprocess.run(args, cwd=repo, env=_env(), capture_output=True, text=True, timeout=600)
@@ -320,12 +296,12 @@ def test_dvc_repro_retrains_only_the_keyword_whose_data_changed(tmp_path, regist
     other_weights = sha256_file(repo / "models" / "loras" / OTHER / WEIGHTS_NAME)
     assert (repo / "metrics" / "train" / f"{SLUG}.csv").is_file()
 
-    write_curated(repo / "data" / "curated", SLUG, registry, n=2, heldout=0, seed=1)  # new images for one keyword
+    write_curated(repo / "data" / "curated", SLUG, registry=registry, n=2, heldout=0, seed=1)  # new images, one keyword
     second = sh(str(BIN / "dvc"), "repro")
     assert f"Running stage 'train@{SLUG}'" in second and f"Running stage 'train@{OTHER}'" not in second
     assert sha256_file(repo / "models" / "loras" / OTHER / WEIGHTS_NAME) == other_weights
 
-    _params_file(repo / "params.yaml", [SLUG, OTHER], steps=2, checkpoint_every=1, validation_seeds=[],
-                 seed=3)  # a shared training param: every keyword is stale
+    write_params(repo / "params.yaml", {"train": dict(steps=2, checkpoint_every=1, validation_seeds=[], seed=3)},
+                 keywords=[SLUG, OTHER])  # a shared training param: every keyword is stale
     status = sh(str(BIN / "dvc"), "status")
     assert f"train@{SLUG}" in status and f"train@{OTHER}" in status

@@ -8,31 +8,35 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import secrets
 import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from test_service import KEY, SIZE, SLUGS, TEST_PARAMS, Server, make_bank, write_params
+from tipsen.testing import SERVICE_CORRUPT, SERVICE_PARAMS, SERVICE_SLUGS, Server, random_bank, write_params
+from tipsen.testing import SERVICE_SIZE as SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
+KEY = f"tk-{secrets.token_hex(12)}"
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 AXE = Path(__file__).resolve().parent / "assets" / "axe.min.js"
-SCREENSHOT = ROOT / "docs" / "screenshot.png"
+SCREENSHOT = ROOT / "docs" / "screenshot.png"  # the README's picture: rewritten only when TIPSEN_UPDATE_SCREENSHOT=1
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not CHROMIUM.exists(),
-    reason="BROWSER TESTS NOT RUN: chromium is missing; install Debian's 'chromium' package (make test does)")
+    reason="BROWSER TESTS NOT RUN: chromium is missing; install Debian's 'chromium' package (make test does)")]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web")
-    bank = make_bank(tmp / "bank", SLUGS, corrupt="hanbok")
-    srv = Server(tmp, params=write_params(tmp / "params.yaml", TEST_PARAMS), bank=bank, key=KEY)
+    bank = random_bank(tmp / "bank", SERVICE_SLUGS, corrupt=SERVICE_CORRUPT)
+    srv = Server(tmp, params=write_params(tmp / "params.yaml", SERVICE_PARAMS), bank=bank, key=KEY)
     try:
         srv.wait_ready()
         yield srv
@@ -50,6 +54,12 @@ def browser(tmp_path_factory):
             headless=True, viewport={"width": 900, "height": 1200}, accept_downloads=True)
         yield context
         context.close()
+
+
+@pytest.fixture()
+def screenshot(tmp_path) -> Path:
+    """Where the screenshot goes: the test's own folder, or docs/ when TIPSEN_UPDATE_SCREENSHOT=1 asks for it."""
+    return SCREENSHOT if os.environ.get("TIPSEN_UPDATE_SCREENSHOT") == "1" else tmp_path / "screenshot.png"
 
 
 @pytest.fixture()
@@ -88,7 +98,7 @@ def audit(page) -> list[dict]:
             for v in result["violations"] if v["impact"] in ("serious", "critical")]
 
 
-def test_gimjang_day_to_a_png_with_details_and_screenshot(page):
+def test_gimjang_day_to_a_png_with_details_and_screenshot(page, screenshot):
     page.type("#prompt", "김장하는 날")
     page.wait_for_selector('#chips button[data-slug="gimjang"][aria-pressed="true"]')
     assert page.inner_text("#route") == "김장 (Gimjang)으로 그릴게요."
@@ -109,9 +119,9 @@ def test_gimjang_day_to_a_png_with_details_and_screenshot(page):
     assert page.inner_text("#refined") == alt
     assert page.inner_text("#used-keyword") == "김장 (Gimjang)"
     seed = page.inner_text("#used-seed")
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-    assert Image.open(SCREENSHOT).size[0] == 900
+    screenshot.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert Image.open(screenshot).size[0] == 900
 
     first = page.get_attribute("#picture", "src")
     page.click("#again")  # a different seed: a different picture
