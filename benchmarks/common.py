@@ -1,7 +1,6 @@
 """Benchmark harness: warm-up, repetitions, paired A/B alternation, and JSON results with machine info."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -69,13 +68,11 @@ def paired(a: Callable[[], Any], b: Callable[[], Any], *, reps: int = 5, warmup:
 
 
 def write_result(name: str, data: dict[str, Any], *, params: dict[str, Any] | None = None) -> Path:
-    folder = Path(os.environ.get(RESULTS_ENV) or RESULTS)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"{name}.json"
-    payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "machine": machine_info(), "params": params or {}, "results": data}
-    out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    return out
+    from tipsen.io import write_json_atomic
+
+    out = Path(os.environ.get(RESULTS_ENV) or RESULTS) / f"{name}.json"
+    return write_json_atomic(out, {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                   "machine": machine_info(), "params": params or {}, "results": data})
 
 
 def table(rows: list[dict[str, Any]]) -> str:

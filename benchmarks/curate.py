@@ -31,7 +31,7 @@ def export(root: Path, per_keyword: int) -> tuple[Path, int]:
 def run_curate(params, raw: Path, out: Path, **update) -> None:
     from tipsen.curate import curate
 
-    curate(params.model_copy(update={"curate": params.curate.model_copy(update=update)}), raw, out, progress=False)
+    curate(params.override("curate", update), raw, out, progress=False)
 
 
 def fit(points: list[tuple[int, float]]) -> dict:

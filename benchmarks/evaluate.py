@@ -59,11 +59,11 @@ def main() -> None:
     params = load_params(ROOT / "params.yaml", profile="demo")
     k, reps = (1, 1) if args.smoke else (args.keywords, args.reps)
     keywords = params.keywords[:k]
-    ev = params.eval
     if args.smoke:
-        ev = ev.model_copy(update={"images_per_keyword": 1, "bootstrap": 10,
-                                   "methods": [m.model_copy(update={"steps": 1}) for m in ev.methods]})
-    params = params.model_copy(update={"keywords": keywords, "eval": ev})
+        params = params.override("eval", {"images_per_keyword": 1, "bootstrap": 10, "methods": [
+            {**m.model_dump(), "steps": 1} for m in params.eval.methods]})
+    params = params.override(None, {"keywords": keywords})
+    ev = params.eval
     n = 1 if args.smoke else (args.images or ev.images_per_keyword)
     root = Path(tempfile.mkdtemp(prefix="eval-bench-"))
     results = {"load_average_at_start": os.getloadavg()}
@@ -76,7 +76,7 @@ def main() -> None:
             cache = root / f"cache-{images}"
             if cold:
                 shutil.rmtree(cache, ignore_errors=True)
-            p = params.model_copy(update={"eval": params.eval.model_copy(update={"images_per_keyword": images})})
+            p = params.override("eval", {"images_per_keyword": images})
             start = time.process_time()
             evaluate(p, curated=curated, bank=bank, metrics_dir=root / "metrics", reports_dir=root / "reports",
                      cache_dir=cache)

@@ -2,6 +2,9 @@
 
     .venv/bin/python -m benchmarks.generate [--smoke] [--steps 28] [--size 64] [--adapters 30] [--reps 3]
                                             [--threads N] [--label TAG]
+    .venv/bin/python -m benchmarks.generate --sdxl [--size 256] [--steps 2]   # the paper profile's path on the
+                                            # SDXL-base architecture (random weights): resolve, then one
+                                            # mixed-keyword render; CPU or CUDA
 
 Adapters are random (rank = train.rank of the demo profile) and written to a temporary bank, so only speed is
 measured, never quality. Every comparison is paired and alternated in one process (benchmarks.common).
@@ -47,22 +50,76 @@ def unet_scaling(pipe, size: int, reps: int) -> dict:
             "per_request_speedup": 8 * runs[2]["median"] / runs[16]["median"]}
 
 
+def sdxl_main(args) -> None:
+    """The paper profile's Generator on the full SDXL-base architecture with random weights and two random rank-20
+    adapters: plans resolved from requests, then one render mixing both adapters and the base model."""
+    import torch
+
+    from benchmarks.train import random_sdxl
+    from tipsen.config import load_params
+    from tipsen.generate import Generator
+    from tipsen.registry import Registry
+    from tipsen.testing import random_bank
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    profile = "demo" if args.smoke else "paper"
+    params, registry, slugs = load_params(ROOT / "params.yaml", profile=profile), Registry.load(), ["gimjang", "yakgwa"]
+    size, steps = (64, 1) if args.smoke else (args.size, args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp, t0 = Path(tmp), time.perf_counter()
+        # --smoke builds the architecture on the meta device (no memory) and runs the tiny model through the same path
+        pipe = random_sdxl("meta" if args.smoke else device, dtype, tmp)
+        build_s = time.perf_counter() - t0
+        rank = params.train.rank
+        t0 = time.perf_counter()
+        bank = random_bank(tmp / "bank", slugs, rank=rank, seed=0, scale=0.1, registry=registry,
+                           unet=None if args.smoke else pipe.unet)
+        gen = Generator(params, pipe=None if args.smoke else pipe, bank=bank, registry=registry)
+        load_s = time.perf_counter() - t0
+        assert gen.available == sorted(slugs), gen.status()
+        reqs = [{"prompt": "어릴 적 김장하던 날", "seed": 1}, {"prompt": "grandma's yakgwa", "seed": 2, "lora_scale": 1.0},
+                {"prompt": "a quiet morning by the sea", "seed": 3}]
+        t0 = time.perf_counter()
+        plans = [gen.resolve({**r, "steps": steps, "width": size, "height": size}) for r in reqs]
+        resolve_s = (time.perf_counter() - t0) / len(plans)
+        assert [p.adapter for p in plans] == ["gimjang", "yakgwa", None], plans
+        gen.render([plans[0]])  # warm-up: first-call allocations and kernel selection
+        t0 = time.perf_counter()
+        out = gen.render(plans)
+        render_s = time.perf_counter() - t0
+    assert [r.images[0].size for r in out] == [(size, size)] * len(plans)
+    row = {"device": torch.cuda.get_device_name(0) if device == "cuda" else device, "dtype": str(dtype)[6:],
+           "native": gen.native, "size": size, "steps": steps, "plans": len(plans), "rank": rank,
+           "build_s": build_s, "bank_and_load_s": load_s, "resolve_ms": 1000 * resolve_s, "render_s": render_s,
+           "render_s_per_step": render_s / steps}
+    print(table([row]))
+    path = write_result("generate_sdxl" + ("-smoke" if args.smoke else ""), {"row": row},
+                        params={"profile": profile, "size": size, "steps": steps})
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sdxl", action="store_true", help="the SDXL-base architecture with random weights")
     ap.add_argument("--smoke", action="store_true", help="2 steps, 32 px, 8 adapters, 1 repetition")
-    ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=None, help="default 28; --sdxl: 2")
+    ap.add_argument("--size", type=int, default=None, help="default 64; --sdxl: 256 (1024 is native, for CUDA)")
     ap.add_argument("--adapters", type=int, default=30)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--label", default="", help="suffix of the result name, e.g. 32px -> generate-32px.json")
     args = ap.parse_args()
-    if args.smoke:
-        args.steps, args.size, args.adapters, args.reps = 2, 32, 8, 1
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sdxl:  # 256 px and 2 steps are what a CPU can afford; on CUDA pass --size 1024 --steps 28
+        args.size, args.steps = args.size or 256, args.steps or 2
+        return sdxl_main(args)
+    args.size, args.steps = args.size or 64, args.steps or 28
+    if args.smoke:
+        args.steps, args.size, args.adapters, args.reps = 2, 32, 8, 1
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -74,8 +131,8 @@ def main() -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     params = load_params(ROOT / "params.yaml", profile="demo")
-    params = params.model_copy(update={"generate": params.generate.model_copy(update={"max_batch_size": 8})})
-    fused_params = params.model_copy(update={"generate": params.generate.model_copy(update={"fuse_lora": True})})
+    params = params.override("generate", {"max_batch_size": 8})
+    fused_params = params.override("generate", {"fuse_lora": True})
     registry = Registry.load()
     slugs = list(registry.keywords)[:args.adapters]  # the whole registry (30), not the demo's 6
     reps, warmup = args.reps, 0 if args.smoke else 1
@@ -89,13 +146,13 @@ def main() -> None:
         # Random adapters at the demo's rank; lora_B x0.1 is a trained adapter's magnitude, roughly (speed does not
         # depend on it).
         bank = random_bank(Path(tmp), slugs, rank=params.train.rank, seed=0, scale=0.1, registry=registry)
-        Generator(params, bank=Path(tmp) / "none.json", registry=registry)  # imports and first-load costs
+        Generator(params, bank=None, registry=registry)  # imports and first-load costs
         gc.collect()
 
         base_s, bank_s = [], []
         for _ in range(max(reps, 2)):
             t = time.perf_counter()
-            Generator(params, bank=Path(tmp) / "none.json", registry=registry)
+            Generator(params, bank=None, registry=registry)
             base_s.append(time.perf_counter() - t)
             t = time.perf_counter()
             gen = Generator(params, bank=bank, registry=registry)

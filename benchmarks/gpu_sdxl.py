@@ -36,6 +36,11 @@ except ImportError:
     except ImportError:
         common = None
 
+try:
+    from tipsen.io import write_text_atomic
+except ImportError:
+    write_text_atomic = None
+
 NAME = "gpu_sdxl"
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
@@ -544,11 +549,12 @@ class Bench:
                    "elapsed_s": time.perf_counter() - self.t0, "machine": self.machine, "params": self.params,
                    "flops": self.flops, "results": self.results, "summary": self.summary(), "errors": self.errors}
         text = json.dumps(payload, indent=2, default=str) + "\n"
-        for path in self.paths:  # rewritten after every section, atomically, so a timeout keeps what was measured
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+        for path in self.paths:  # rewritten after every section, so a timeout keeps what was measured
+            if write_text_atomic is not None:
+                write_text_atomic(path, text)
+            else:  # travelling alone, without tipsen: a plain write (a kill mid-write loses only this section)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text, encoding="utf-8")
 
 
 def _one_line(e: BaseException) -> str:

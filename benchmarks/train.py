@@ -82,8 +82,8 @@ def sdxl_main(args) -> None:
     profile = "demo" if args.smoke else "paper"
     params = load_params(ROOT / "params.yaml", profile=profile)
     if args.compile or args.gradient_checkpointing:
-        params = params.model_copy(update={"train": params.train.model_copy(update={
-            "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing})})
+        params = params.override("train", {"compile": args.compile,
+                                           "gradient_checkpointing": args.gradient_checkpointing})
     cfg, registry = params.train, Registry.load()
     steps = 3 if args.smoke else args.steps
     with tempfile.TemporaryDirectory() as tmp:

@@ -60,6 +60,13 @@ def check_train_sdxl(r: dict) -> None:
     assert row["500_steps_s"] == pytest.approx(500 * row["s_per_step"])
 
 
+def check_generate_sdxl(r: dict) -> None:
+    row = r["row"]  # --smoke: the architecture built on the meta device, the tiny model through the same path
+    assert row["plans"] == 3 and row["rank"] == 20 and row["steps"] >= 1
+    assert all(_pos(row[k]) for k in ("build_s", "bank_and_load_s", "resolve_ms", "render_s"))
+    assert row["render_s_per_step"] == pytest.approx(row["render_s"] / row["steps"])
+
+
 def check_generate(r: dict) -> None:
     cold = r["cold_start"]
     _stats(cold["base_s"])
@@ -116,6 +123,7 @@ CASES = {
     "train": (["benchmarks.train"], check_train),
     "train_sdxl": (["benchmarks.train", "--sdxl"], check_train_sdxl),
     "generate": (["benchmarks.generate"], check_generate),
+    "generate_sdxl": (["benchmarks.generate", "--sdxl"], check_generate_sdxl),
     "assistant": (["benchmarks.assistant"], check_assistant),
     "evaluate": (["benchmarks.evaluate"], check_evaluate),
     "service": (["benchmarks.service"], check_service),

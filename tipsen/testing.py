@@ -36,13 +36,14 @@ SERVICE_PARAMS = {
 
 def random_bank(out: Path, slugs: Sequence[str], *, rank: int = 4, alpha: float | None = None,
                 target_modules: Sequence[str] | None = None, seed: int = 100, scale: float = 1.0,
-                corrupt: str | None = None, registry=None) -> Path:
+                corrupt: str | None = None, registry=None, unet=None) -> Path:
     """Random LoRA adapters on tiny:sdxl's UNet, saved as the trainer saves them and indexed by the real bank builder.
 
     Writes `out/loras/<slug>/pytorch_lora_weights.safetensors` for each slug and returns the index `out/bank.json`.
     Adapter i is drawn after `torch.manual_seed(seed + i)` with a random lora_B, so that it visibly changes the
     image, then lora_B is multiplied by `scale`. `alpha` defaults to `rank` and `target_modules` to the trainer's.
     `corrupt` is one adapter more: indexed, then one byte flipped, so its file no longer matches the index.
+    `unet`: another UNet to shape the adapters for (the full-size SDXL one); it is left without adapters.
     """
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -58,7 +59,8 @@ def random_bank(out: Path, slugs: Sequence[str], *, rank: int = 4, alpha: float 
     loras = Path(out) / "loras"
     targets = list(target_modules or TrainParams.model_fields["target_modules"].default)
     names = [*slugs, *([corrupt] if corrupt else [])]
-    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
+    if unet is None:
+        unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
     for i, slug in enumerate(names):
         torch.manual_seed(seed + i)
         config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=targets,
