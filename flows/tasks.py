@@ -114,9 +114,16 @@ def train_report(futures: dict[str, PrefectFuture]) -> dict:
 
 @task(name="bank", cache_policy=NO_CACHE, **JSON)
 def index_bank(params: Params, loras: str, bank: str) -> dict:
-    """Index the profile's adapters under `loras` into `bank`, atomically (tipsen.bank.build_bank)."""
-    index = build_bank(Path(loras), Path(bank), keywords=params.keywords, registry=Registry.load(),
-                       base_model=params.models.base)
+    """Index the profile's adapters under `loras` into `bank`, atomically (tipsen.bank.build_bank). When no keyword
+    produced an adapter, a bank that has adapters is kept as it is, and the report says why."""
+    if not Path(loras).is_dir() and not Path(bank).exists():
+        return {"bank": bank, "adapters": [], "missing": list(params.keywords), "kept": "no adapter was trained"}
+    try:
+        index = build_bank(Path(loras), Path(bank), keywords=params.keywords, registry=Registry.load(),
+                           base_model=params.models.base)
+    except ConfigError as exc:
+        get_run_logger().warning("bank not rebuilt: %s", exc)
+        return {"bank": bank, "adapters": [], "missing": list(params.keywords), "kept": str(exc)}
     return {"bank": bank, "adapters": [e["slug"] for e in index["adapters"]], "missing": index["missing"]}
 
 

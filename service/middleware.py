@@ -44,7 +44,7 @@ class Guard:
                  key_env: str = "TIPSEN_API_KEY"):
         self.app, self.max_body, self.private = app, max_body_bytes, private
         key = os.environ.get(key_env, "")
-        self.expected = f"Bearer {key}".encode() if key else None  # only this derived value is kept
+        self.expected = key.encode() if key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -54,8 +54,9 @@ class Guard:
             return await send_json(send, 404, {"error": "Not Found"})
         open_path = path in HEALTH_PATHS or path in PAGE_PATHS or path.startswith(PAGE_PREFIX)
         if self.expected and not (internal or open_path):
-            got = _header(scope, b"authorization") or b""
-            if not hmac.compare_digest(got, self.expected):
+            scheme, _, token = (_header(scope, b"authorization") or b"").partition(b" ")
+            # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(b" "), self.expected):
                 return await send_json(send, 401, {"error": "authorization: send the header "
                                                             "'Authorization: Bearer <key>' with the service's key"},
                                        [(b"www-authenticate", b"Bearer")])

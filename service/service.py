@@ -297,6 +297,11 @@ class Tipsen:
         if (unavailable := self._unavailable()) is not None:
             return unavailable
         inp = RefineInput(**fields)
+        try:  # checked before the request waits for a slot or the device
+            if inp.keyword:
+                self.registry.get(inp.keyword)
+        except ConfigError as exc:
+            return error(400, str(exc))
         if not self.slots.acquire():
             return error(429, BUSY)
 

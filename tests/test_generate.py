@@ -257,7 +257,7 @@ def test_plans_are_resolved_once_and_rendered_as_given(gen, demo_params, registr
     with pytest.raises(ValueError, match="not resolved for this generator"):
         gen.render([dataclasses.replace(plan, adapter="sebae")])  # not in this bank
     plain = Generator(demo_params, bank=None, registry=registry)  # no bank: no adapters, none loaded
-    assert plain.status()["adapters"] == {} and plain.status()["bank"] == {"path": None, "error": None}
+    assert plain.status()["adapters"] == {} and plain.status()["bank"] == {"path": None, "error": None, "refused": {}}
     assert plain.resolve({"prompt": "김장", "steps": STEPS}).adapter is None
     with pytest.raises(ConfigError, match=r"^keyword: 'gimjang' has no adapter: no bank is loaded"):
         plain.resolve({"prompt": "김장", "keyword": "gimjang"})

@@ -161,8 +161,10 @@ def test_adapter_status_compares_the_recorded_data_and_params_hashes(tmp_path, d
     assert retrain.adapter_status(demo_params, "gimjang", data, out) == "no adapter"
     adapter(out, 1.0, params_hash=params_hash(demo_params), dataset_hash=td.dataset_hash(examples))
     assert retrain.adapter_status(demo_params, "gimjang", data, out) is None
-    more = demo_params.model_copy(update={"train": demo_params.train.model_copy(update={"steps": 31})})
+    more = demo_params.override("train", {"steps": 31})
     assert retrain.adapter_status(more, "gimjang", data, out) == "train params or base model changed"
+    for change in ({"checkpoint_every": 7}, {"log_every": 3}, {"validation_seeds": []}):  # weights unchanged
+        assert retrain.adapter_status(demo_params.override("train", change), "gimjang", data, out) is None, change
     Image.new("RGB", (r, r), "white").save(data / "gimjang" / "001.png")
     assert retrain.adapter_status(demo_params, "gimjang", data, out) == "data changed"
     with pytest.raises(ConfigError, match="metadata.jsonl not found"):

@@ -108,12 +108,16 @@ def test_health_is_open_and_everything_else_needs_the_key(main):
         assert httpx.get(f"{main.url}{path}").status_code == 200, path  # the page asks for the key itself
     for method, path in [("GET", "/keywords"), ("GET", "/route?text=a"), ("GET", "/docs.json"),
                          ("POST", "/generate"), ("POST", "/refine"), ("POST", "/generate_png")]:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                        {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer{KEY}"}):
             r = httpx.request(method, f"{main.url}{path}", headers=headers, json={"prompt": "김장"})
             assert r.status_code == 401, (path, headers)
             assert r.json()["error"].startswith("authorization:")
             assert r.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{main.url}/keywords", headers=AUTH).status_code == 200
+    for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive (RFC 7235); the key is not
+        assert httpx.get(f"{main.url}/keywords", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    assert httpx.get(f"{main.url}/keywords", headers={"Authorization": f"Bearer {KEY.upper()}x"}).status_code == 401
 
 
 def test_auth_off_when_no_key_is_set(small):
@@ -298,6 +302,10 @@ def test_timed_out_work_keeps_its_slot(small):
     assert queued.status_code == 504
     refused = post(small, "/refine", {"prompt": "약과"}, headers={})  # both slots belong to work still running
     assert refused.status_code == 429 and refused.json()["error"].startswith("busy:"), refused.text
+    for path, body in (("/refine", {"prompt": "약과", "keyword": "nope"}), ("/generate", {"prompt": "약과", "steps": 0}),
+                       ("/generate", {"prompt": "약과", "keyword": "nope"})):  # bad input: a 400 even when full
+        bad = post(small, path, body, headers={})
+        assert bad.status_code == 400 and bad.json()["error"].startswith(("keyword:", "steps:")), bad.text
     deadline = time.monotonic() + 900
     while (r := post(small, "/refine", {"prompt": "약과"}, headers={})).status_code != 200:
         assert r.status_code in (429, 504) and time.monotonic() < deadline, r.text  # 504: waits for the device

@@ -10,9 +10,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from tipsen import paths
-from tipsen.config import load_params
-from tipsen.errors import ConfigError
+from tipsen.config import Slug, load_params
+from tipsen.errors import ConfigError, first_error
 from tipsen.io import sha256_file, write_json_atomic
 from tipsen.registry import Registry
 
@@ -33,9 +35,18 @@ def adapter_metadata(weights: Path) -> dict[str, str]:
     return {k.removeprefix(META_PREFIX): v for k, v in meta.items() if k.startswith(META_PREFIX)}
 
 
-def build_bank(loras: Path, out: Path, *, keywords: list[str], registry: Registry, base_model: str) -> dict:
-    """Index every trained adapter of `keywords` under `loras/` into `out`, atomically."""
+def build_bank(loras: Path, out: Path, *, keywords: list[str], registry: Registry, base_model: str,
+               allow_empty: bool = False) -> dict:
+    """Index every trained adapter of `keywords` under `loras/` into `out`, atomically.
+
+    A missing `loras` folder is an error, and so is replacing an index that has adapters with an empty one
+    (a typo in --loras must not empty a served bank), unless `allow_empty`."""
     loras, out = Path(loras), Path(out)
+    if not loras.is_dir():
+        raise ConfigError(f"--loras {loras}: not a folder of trained adapters")
+    if not loras.resolve().is_relative_to(out.parent.resolve()):
+        raise ConfigError(f"--loras {loras}: must be inside the index's folder {out.parent} (the index addresses "
+                          "adapters by relative path)")
     entries, missing = [], []
     for slug in keywords:
         kw = registry[slug]
@@ -56,9 +67,19 @@ def build_bank(loras: Path, out: Path, *, keywords: list[str], registry: Registr
         })
     if missing:
         log.warning("no trained adapter for: %s", ", ".join(missing))
+    if not entries and not allow_empty and _has_adapters(out):
+        raise ConfigError(f"--loras {loras}: no trained adapter for any of {len(keywords)} keywords; {out} has "
+                          "adapters and is kept (pass --allow-empty to empty it)")
     bank = {"format": BANK_FORMAT, "base_model": base_model, "adapters": entries, "missing": missing}
     write_json_atomic(out, bank)
     return bank
+
+
+def _has_adapters(index: Path) -> bool:
+    try:
+        return bool(json.loads(index.read_text(encoding="utf-8")).get("adapters"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @dataclass
@@ -74,8 +95,27 @@ class BankEntry:
     info: dict = field(default_factory=dict)
 
 
+class _Entry(BaseModel):
+    """One index entry as it must be; other keys (category, summary, ...) are kept in `info` unchecked."""
+
+    model_config = ConfigDict(extra="allow")
+
+    slug: Slug
+    keyword: str = Field(min_length=1)
+    class_token: str = Field(min_length=1)
+    ko: str = Field(min_length=1)
+    path: str = Field(min_length=1, pattern=r"^[^\x00]*$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rank: int | None = Field(None, ge=1)
+    aliases: list[str] = []
+
+
 class Bank:
-    """A read-only view of bank.json. Paths come from the index, never from a user string."""
+    """A read-only view of bank.json. Paths come from the index, never from a user string.
+
+    A bad entry (a missing key, a wrong type, a path outside the index's folder) costs only its own keyword:
+    it is left out of `entries` and its reason kept in `invalid`. Only an index that cannot be read at all is a
+    ConfigError."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -83,20 +123,49 @@ class Bank:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"bank: {self.path} not found; run 'tipsen bank build' (or 'dvc repro')") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"bank: {self.path} is not valid JSON ({exc.msg})") from None
-        if raw.get("format") != BANK_FORMAT:
-            raise ConfigError(f"bank: {self.path}: format {raw.get('format')!r} is not supported; expected {BANK_FORMAT}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"bank: {self.path} is not valid JSON ({getattr(exc, 'msg', exc.reason)})") from None
+        except (IsADirectoryError, PermissionError) as exc:
+            raise ConfigError(f"bank: {self.path} cannot be read ({exc.strerror})") from None
+        if not isinstance(raw, dict) or raw.get("format") != BANK_FORMAT:
+            got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise ConfigError(f"bank: {self.path}: format {got!r} is not supported; expected {BANK_FORMAT}")
         self.base_model = raw.get("base_model")
-        root = self.path.parent.resolve()
         self.entries: dict[str, BankEntry] = {}
-        for e in raw.get("adapters", []):
-            file = (root / e["path"]).resolve()
-            if root not in file.parents:  # an index may not point outside its own directory
-                raise ConfigError(f"bank: adapter {e.get('slug')!r} points outside {root}")
-            self.entries[e["slug"]] = BankEntry(
-                slug=e["slug"], keyword=e["keyword"], class_token=e["class_token"], ko=e["ko"], path=file,
-                sha256=e["sha256"], rank=e.get("rank"), aliases=e.get("aliases", []), info=e)
+        self.invalid: dict[str, str] = {}  # slug (or "adapters[i]" when it has none) -> why it is refused
+        adapters = raw.get("adapters", [])
+        for i, e in enumerate(adapters if isinstance(adapters, list) else []):
+            name = e.get("slug") if isinstance(e, dict) and isinstance(e.get("slug"), str) else f"adapters[{i}]"
+            reason = self._refusal(e)
+            if name in self.entries or self.invalid.get(name) == "listed twice in the index":
+                self.entries.pop(name, None)  # which of the two is meant? neither is used
+                reason = "listed twice in the index"
+            if reason is not None:
+                self.invalid[name] = reason
+                log.warning("bank %s: entry %s refused: %s", self.path, name, reason)
+                continue
+            entry = _Entry.model_validate(e)
+            self.entries[name] = BankEntry(slug=entry.slug, keyword=entry.keyword, class_token=entry.class_token,
+                                           ko=entry.ko, path=self._file(entry.path), sha256=entry.sha256,
+                                           rank=entry.rank, aliases=entry.aliases, info=e)
+        if not isinstance(adapters, list):
+            self.invalid["adapters"] = f"expected a list of entries, got {type(adapters).__name__}"
+
+    def _file(self, rel: str) -> Path:
+        return (self.path.parent.resolve() / rel).resolve()
+
+    def _refusal(self, e) -> str | None:
+        """Why an index entry cannot be used, or None."""
+        if not isinstance(e, dict):
+            return f"an entry must be an object, got {type(e).__name__}"
+        try:
+            entry = _Entry.model_validate(e)
+        except ValidationError as exc:
+            return f"bad entry: {first_error(exc, show_input=False)}"
+        root, rel = self.path.parent.resolve(), Path(entry.path)
+        if rel.is_absolute() or root not in self._file(entry.path).parents:  # symlinks are resolved first
+            return f"path {entry.path!r} points outside {root}"
+        return None
 
     def __iter__(self):
         return iter(self.entries.values())
@@ -104,20 +173,47 @@ class Bank:
     def __contains__(self, slug: str) -> bool:
         return slug in self.entries
 
+    def reason(self, slug: str) -> str | None:
+        """Why `slug` cannot be used (not in the index, a refused entry, or `verify`), or None."""
+        if slug in self.invalid:
+            return self.invalid[slug]
+        return self.verify(slug) if slug in self.entries else "no adapter in the bank"
+
     def verify(self, slug: str) -> str | None:
-        """None if the adapter file exists and matches its checksum, else the reason it is unavailable."""
+        """None if the adapter file exists, matches its checksum and holds only finite numbers, else the reason it
+        is unavailable (an adapter of NaNs would draw black pictures with a 200)."""
         entry = self.entries[slug]
         if not entry.path.is_file():
             return f"file missing: {entry.path.name}"
         if sha256_file(entry.path) != entry.sha256:
             return "checksum mismatch"
+        if entry.path.suffix == ".safetensors":  # anything else is refused by the loader, unread
+            return nonfinite(entry.path)
         return None
+
+
+def nonfinite(weights: Path) -> str | None:
+    """The first tensor of a safetensors file holding a NaN or an infinity, as a reason; None if all are finite."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return f"non-finite values in {key}"
+    except (SafetensorError, OSError, ValueError) as exc:
+        return f"not a readable safetensors file ({exc})"
+    return None
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("action", choices=["build", "show"])
     parser.add_argument("--loras", default=str(paths.LORAS), help=f"directory of trained adapters (default: {paths.LORAS})")
     parser.add_argument("--out", default=str(paths.BANK), help=f"bank index (default: {paths.BANK})")
+    parser.add_argument("--allow-empty", action="store_true", help="build: replace an index that has adapters with "
+                        "an empty one")
 
 
 def run(args) -> int:
@@ -125,10 +221,12 @@ def run(args) -> int:
     out = Path(args.out)
     if args.action == "build":
         bank = build_bank(Path(args.loras), out, keywords=params.keywords, registry=Registry.load(),
-                          base_model=params.models.base)
+                          base_model=params.models.base, allow_empty=args.allow_empty)
         print(json.dumps({"bank": str(out), "adapters": len(bank["adapters"]), "missing": bank["missing"]}))
         return 0
     bank = Bank(out)
     for entry in bank:
         print(f"{entry.slug}\t{entry.keyword} {entry.class_token}\t{entry.ko}\t{bank.verify(entry.slug) or 'ok'}")
+    for name, reason in bank.invalid.items():
+        print(f"{name}\t-\t-\trefused: {reason}")
     return 0

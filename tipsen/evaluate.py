@@ -471,7 +471,7 @@ def _adapters(runs: list[Run], bank: Path, slugs: list[str], skipped: dict[str, 
         return {}
     out = {}
     for slug in list(slugs):
-        reason = "no adapter in the bank" if slug not in index else index.verify(slug)
+        reason = index.reason(slug)
         if reason:
             skipped[slug] = f"LoRA: {reason}"  # dropped everywhere, so paired comparisons share keywords
             log.warning("%s: skipped: %s", slug, skipped[slug])

@@ -115,15 +115,18 @@ class Generator:
         sample = self.pipe.unet.config.sample_size
         self.native = (sample if isinstance(sample, int) else sample[0]) * self.pipe.vae_scale_factor
         self.bank_path, self.bank_error, self.entries, self.reasons = Path(bank) if bank else None, None, {}, {}
+        self.refused: dict[str, str] = {}
         if bank is not None:
             try:
                 index = Bank(self.bank_path)
             except ConfigError as exc:  # no bank yet: the base model still serves, and status() says why
                 self.bank_error = str(exc)
                 log.warning("%s; generating with the base model only", exc)
-            else:
-                self.entries = index.entries
-                self.reasons = load_adapters(self.pipe, index, set(self.registry.keywords))
+            else:  # a refused index entry costs only its own keyword, reported like an unloadable adapter
+                self.entries, self.refused = index.entries, index.invalid
+                self.reasons = {**{s: f"refused by the index: {r}" for s, r in index.invalid.items()
+                                   if s in self.registry.keywords},
+                                **load_adapters(self.pipe, index, set(self.registry.keywords))}
         self.available = sorted(slug for slug, reason in self.reasons.items() if reason is None)
         self._fused: tuple[str, float] | None = None
         self._lock = threading.Lock()  # one pipeline: diffusion batches run one at a time
@@ -133,10 +136,12 @@ class Generator:
         return {
             "base_model": self.base, "pipeline": type(self.pipe).__name__, "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "native_size": self.native,
-            "bank": {"path": str(self.bank_path) if self.bank_path else None, "error": self.bank_error},
+            "bank": {"path": str(self.bank_path) if self.bank_path else None, "error": self.bank_error,
+                     "refused": self.refused},
             "fuse_lora": self.cfg.fuse_lora, "fused": self._fused[0] if self._fused else None,
-            "adapters": {slug: {"available": reason is None, "reason": reason, "keyword": self.entries[slug].keyword,
-                                "ko": self.entries[slug].ko, "class_token": self.entries[slug].class_token}
+            "adapters": {slug: {"available": reason is None, "reason": reason,
+                                **{k: getattr(self.entries.get(slug) or self.registry[slug], k)
+                                   for k in ("keyword", "ko", "class_token")}}
                          for slug, reason in self.reasons.items()},
         }
 

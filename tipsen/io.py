@@ -32,6 +32,17 @@ def _tmp_prefix(final: Path) -> str:
     return f".{final.name}.tmp-"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the kernel says (os.umask alone must set it to read it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file name beside `path` for any writer (PIL, safetensors); on success it is renamed
@@ -42,7 +53,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; published files are readable like any other
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a published file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -84,7 +95,7 @@ def publish_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_tmp_prefix(final)))
     try:
         yield tmp
-        tmp.chmod(0o755)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 folders
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)

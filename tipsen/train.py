@@ -65,9 +65,14 @@ class TrainSummary:
         return asdict(self)
 
 
+# Train params that change how a run is logged, checkpointed or previewed, never its weights.
+NOT_IN_WEIGHTS = frozenset({"checkpoint_every", "log_every", "validation_seeds"})
+
+
 def params_hash(params: Params) -> str:
-    return sha256_json({"train": params.train.model_dump(mode="json"), "base": params.models.base,
-                        "pipeline_class": params.models.pipeline_class})
+    """What an adapter's weights depend on besides its data: changing anything else retrains nothing."""
+    return sha256_json({"train": params.train.model_dump(mode="json", exclude=set(NOT_IN_WEIGHTS)),
+                        "base": params.models.base, "pipeline_class": params.models.pipeline_class})
 
 
 def _precision(cfg: TrainParams, device: str) -> str:
