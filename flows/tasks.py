@@ -142,12 +142,14 @@ def score_adapter(params: Params, slug: str, bank: str, curated: str, key: str) 
 
 
 def gate_scores(params: Params, slugs: list[str], *, candidate_bank: str, bank: str, curated: str) -> dict:
-    """[candidate, current] per keyword, on the same held-out images and seeds; current is None without an adapter."""
+    """[candidate, current, why current is missing] per keyword, on the same held-out images and seeds; current is
+    None when the live adapter is absent or fails verification (a broken live adapter never strands a candidate)."""
     scores = {}
     for slug in slugs:
         new, live = (retrain.score_key(Path(b), Path(curated), slug) for b in (candidate_bank, bank))
         scores[slug] = [score_adapter(params, slug, candidate_bank, curated, new),
-                        score_adapter(params, slug, bank, curated, live) if live else None]
+                        score_adapter(params, slug, bank, curated, live) if live else None,
+                        None if live else retrain.unusable(Path(bank), slug)]
     return scores
 
 
@@ -155,7 +157,8 @@ def gate_scores(params: Params, slugs: list[str], *, candidate_bank: str, bank: 
 def promote_adapters(params: Params, scores: dict, *, candidates: str, loras: str, bank: str,
                      candidate_metrics: str | None, metrics: str | None) -> dict:
     """Gate each candidate against its current adapter, install the winners, swap the bank once (tipsen.retrain)."""
-    decisions = [retrain.decide(s, cand, cur, params.flows.promotion_margin) for s, (cand, cur) in scores.items()]
+    decisions = [retrain.decide(s, cand, cur, params.flows.promotion_margin, live_problem=why)
+                 for s, (cand, cur, why) in scores.items()]
     result = retrain.promote(decisions, candidates=Path(candidates), loras=Path(loras), bank=Path(bank),
                              keywords=params.keywords, registry=Registry.load(), base_model=params.models.base,
                              candidate_metrics=Path(candidate_metrics) if candidate_metrics else None,

@@ -104,15 +104,16 @@ class Guard:
 
 def _one_line(detail: list) -> str:
     """Pydantic errors as 'field: message (got value)' clauses, formatted as everywhere in tipsen."""
-    return "; ".join(describe(err, skip=("body",), show_input=False) if isinstance(err, dict) else str(err)
+    return "; ".join(describe(err, skip=("body", "query"), show_input=False) if isinstance(err, dict) else str(err)
                      for err in detail)
 
 
 class ErrorShape:
-    """Rewrites BentoML's 400 bodies (a pydantic error list, or a one-element list) into the documented shape.
+    """Rewrites every 4xx JSON body into the documented shape, {"error": "<one line>", ...}.
 
     BentoML documents 400 as {"error": str, "detail": str} but sends `detail` as a list of pydantic errors, and
-    wraps other 4xx messages in a list; clients and the OpenAPI document then disagree.
+    wraps other 4xx messages in a list; FastAPI and Starlette answer 404, 405 and 422 as {"detail": ...}. Clients
+    then meet four shapes; after this they meet one. The status code is kept.
     """
 
     def __init__(self, app):
@@ -126,7 +127,7 @@ class ErrorShape:
 
         async def capture(msg):
             nonlocal start
-            if msg["type"] == "http.response.start" and msg["status"] == 400:
+            if msg["type"] == "http.response.start" and 400 <= msg["status"] < 500 and msg["status"] != 413:
                 start = msg
                 return
             if start is None:
@@ -148,9 +149,11 @@ class ErrorShape:
         if isinstance(body, dict) and isinstance(body.get("detail"), list):
             line = _one_line(body["detail"])
             body = {"error": line or body.get("error", "invalid request"), "detail": line}
+        elif isinstance(body, dict) and "error" not in body and isinstance(body.get("detail"), str):
+            body = {"error": body["detail"]}  # Starlette's {"detail": "Not Found"}
         if not isinstance(body, dict) or not isinstance(body.get("error"), str):
             await send(start)
             await send({"type": "http.response.body", "body": raw})
             return
         extra = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
-        await send_json(send, 400, body, extra)
+        await send_json(send, start["status"], body, extra)

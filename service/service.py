@@ -77,6 +77,8 @@ class GenerateInput(GenerationRequest):
 
 
 class RefineInput(Model):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=nullable)
+
     prompt: Prompt
     keyword: Slug | None = None
     seed: Seed | None = None
@@ -132,7 +134,8 @@ class RouteOut(Model):
 
 
 class ErrorOut(Model):
-    error: str
+    error: str  # one line naming the field and what is allowed
+    detail: str | None = None
 
 
 class RefineOutput(Refinement):
@@ -332,7 +335,8 @@ class Tipsen:
                 for slug, a in status["adapters"].items()]
         return KeywordsOut(base_model=status["base_model"], device=status["device"], keywords=rows)
 
-    @ui.get("/route", response_model=RouteOut, responses=NOT_READY)
+    @ui.get("/route", response_model=RouteOut,
+            responses={**NOT_READY, 422: {"model": ErrorOut, "description": "a query parameter out of bounds"}})
     async def route(self, text: Annotated[str, Query(max_length=GEN.max_prompt_chars)] = ""):
         """The keyword a prompt would be drawn with (the web page's live hint)."""
         if (unavailable := self._unavailable()) is not None:

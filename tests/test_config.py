@@ -39,6 +39,10 @@ def test_profile_switch_by_env(root, monkeypatch):
     (lambda r: r["profiles"]["demo"]["train"].update(rank="big"), "profiles.demo.train.rank"),
     (lambda r: r["profiles"]["demo"]["train"].update(rank=0), "profiles.demo.train.rank: Input should be greater"),
     (lambda r: r["profiles"]["demo"]["generate"].update(guidance=99), "profiles.demo.generate.guidance"),
+    (lambda r: r["profiles"]["demo"]["train"].update(steps=True), "profiles.demo.train.steps: Input should be a valid "
+                                                                  "integer (got True)"),  # strict: true is not 1
+    (lambda r: r["profiles"]["demo"]["generate"].update(steps="2"), "profiles.demo.generate.steps: Input should be a "
+                                                                    "valid integer (got '2')"),
     (lambda r: r["profiles"]["demo"]["assistant"].update(backend="gpt"), "profiles.demo.assistant.backend"),
     (lambda r: r.update(profile="nope"), "profile 'nope' is not defined; allowed: demo, paper"),
     (lambda r: r.update(colour="red"), "unknown top-level key 'colour'"),

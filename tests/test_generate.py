@@ -181,6 +181,9 @@ def test_bad_input_names_field_and_choices(gen):
                                 ("seed", -1, "0")]:
         with pytest.raises(ConfigError, match=rf"^{field}: .*{bound}.*\(got {value}\)"):
             gen.resolve({"prompt": "x", field: value})
+    for field, value in [("steps", True), ("steps", "2"), ("guidance", "5"), ("seed", 3.0)]:  # strict types
+        with pytest.raises(ConfigError, match=rf"^{field}: Input should be a valid (integer|number)"):
+            gen.resolve({"prompt": "x", field: value})
     with pytest.raises(ConfigError, match=r"colour: unknown field; allowed: prompt, keyword"):
         gen.resolve({"prompt": "x", "colour": "red"})
 
@@ -361,6 +364,19 @@ def test_cli_writes_png_and_prints_json(root, lora_root, tmp_path, capsys):
     code = main(["generate", "x", "--params", str(root / "params.yaml"), "--profile", "demo", "--out", str(out),
                  "--steps", "99", "--bank", str(lora_root / "bank.json")])
     assert code == 2 and "steps:" in capsys.readouterr().err
+    folder = tmp_path / "a-folder"
+    (folder / "x").mkdir(parents=True)  # --out names a folder that is not empty: the PNG cannot replace it
+    code = main(["generate", "김장", "--params", str(root / "params.yaml"), "--profile", "demo", "--out",
+                 str(folder), "--seed", "1", "--steps", str(STEPS), "--bank", str(lora_root / "bank.json")])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"tipsen generate: error: --out {folder}: is a folder; give the PNG's file name"
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder should be")
+    code = main(["generate", "김장", "--params", str(root / "params.yaml"), "--profile", "demo", "--out",
+                 str(blocked / "x.png"), "--seed", "1", "--steps", str(STEPS), "--bank", str(lora_root / "bank.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1] == f"tipsen generate: error: {blocked}: File exists"  # one line, no traceback
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder", "blocked", "out.png"]  # no temp file left
 
 
 def test_sd1_base_generates_through_the_same_generator(demo_params, lora_root, registry):

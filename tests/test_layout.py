@@ -57,7 +57,7 @@ def _files(pattern: str) -> set[str]:
 
 def test_one_definition_of_each_rule():
     assert _files(r"2\s*\*\*\s*(31|32|63)|0x7FFFFFFF") == {"tipsen/config.py"}  # one seed range
-    for bound in (r"ge=1, le=50\b", r"le=20\.0\b", r"le=2\.0\)\]", r"ge=8, le=4096"):  # sampling bounds
+    for bound in (r"ge=1, le=50\b", r"le=20\.0\b", r"ge=0\.0, le=2\.0, strict", r"ge=8, le=4096"):  # sampling bounds
         assert _files(bound) == {"tipsen/config.py"}, bound
     # one atomic writer: temporary names and renames live in tipsen/io.py (retrain only moves a finished file)
     assert _files(r"mkstemp|mkdtemp|\.tmp\b") == {"tipsen/io.py"}

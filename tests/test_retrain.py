@@ -61,6 +61,21 @@ def test_gate_promotes_within_the_margin_and_refuses_beyond_it():
     assert not retrain.decide("gimjang", float("nan"), 0.50, 1.0).promote  # a broken score never wins
 
 
+def test_a_broken_live_adapter_loses_to_its_candidate(live, registry):
+    weights = live / "loras" / "gimjang" / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:-8])  # the live file no longer matches the index
+    bank, curated = live / "bank.json", live / "curated"
+    problem = retrain.unusable(bank, "gimjang")
+    assert problem == "checksum mismatch" and retrain.score_key(bank, curated, "gimjang") is None
+    assert retrain.unusable(bank, "sebae") is None and retrain.score_key(bank, curated, "sebae")
+    decision = retrain.decide("gimjang", 0.30, None, 0.0, live_problem=problem)
+    assert decision.promote and "current adapter cannot be used (checksum mismatch)" in decision.reason
+    (live / "loras" / "sebae" / WEIGHTS_NAME).unlink()
+    assert retrain.unusable(bank, "sebae") == f"file missing: {WEIGHTS_NAME}"
+    result = run_promote(live, [decision], registry)
+    assert result["promoted"] == ["gimjang"] and retrain.unusable(bank, "gimjang") is None  # replaced, and sound
+
+
 def test_promote_installs_the_winner_and_swaps_the_bank_in_one_rename(live, registry, tmp_path, monkeypatch):
     old_bank = json.loads((live / "bank.json").read_text())
     candidate = sha256_file(live / "candidates" / "gimjang" / WEIGHTS_NAME)

@@ -200,7 +200,8 @@ VIOLATIONS = [
     ("prompt", {"prompt": MISSING}), ("prompt", {"prompt": 5}),
     ("keyword", {"keyword": "nope"}), ("keyword", {"keyword": "../models/x"}), ("keyword", {"keyword": CORRUPT}),
     ("keyword", {"keyword": "sebae"}),  # a registry keyword without an adapter in this bank
-    ("steps", {"steps": 0}), ("steps", {"steps": 51}), ("steps", {"steps": "many"}),
+    ("steps", {"steps": 0}), ("steps", {"steps": 51}), ("steps", {"steps": "many"}), ("steps", {"steps": True}),
+    ("steps", {"steps": "2"}), ("seed", {"seed": 1.5}),
     ("guidance", {"guidance": -0.5}), ("guidance", {"guidance": 20.5}),
     ("lora_scale", {"lora_scale": -0.1}), ("lora_scale", {"lora_scale": 2.5}),
     ("width", {"width": 60}), ("width", {"width": 16}), ("width", {"width": SIZE + 8}),
@@ -234,6 +235,12 @@ def test_malformed_bodies_are_4xx(main):
         assert isinstance(r.json()["error"], str)
     r = post(main, "/refine", {"prompt": "김장", "keyword": "nope"})
     assert r.status_code == 400 and r.json()["error"].startswith("keyword")
+    # every 4xx has the one error shape, FastAPI's and Starlette's own answers too
+    long = httpx.get(f"{main.url}/route", params={"text": "가" * 2000}, headers=AUTH)
+    assert long.status_code == 422 and long.json()["error"].startswith("text: String should have at most")
+    assert httpx.get(f"{main.url}/nope", headers=AUTH).json() == {"error": "Not Found"}
+    wrong = httpx.put(f"{main.url}/keywords", headers=AUTH)
+    assert wrong.status_code == 405 and isinstance(wrong.json()["error"], str) and "detail" not in wrong.json()
 
 
 def test_oversize_body_is_413(main):

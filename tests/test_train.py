@@ -305,3 +305,28 @@ def test_dvc_repro_retrains_only_the_keyword_whose_data_changed(tmp_path, regist
                  keywords=[SLUG, OTHER])  # a shared training param: every keyword is stale
     status = sh(str(BIN / "dvc"), "status")
     assert f"train@{SLUG}" in status and f"train@{OTHER}" in status
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_output_fails_at_once_naming_the_first(data, tmp_path):
+    params_file = write_params(tmp_path / "params.yaml", {"train": dict(steps=100_000, checkpoint_every=100_000,
+                                                                       validation_seeds=[])}, keywords=[SLUG])
+    out = tmp_path / "models" / "loras" / SLUG
+    cmd = [str(BIN / "tipsen"), "train", SLUG, "--params", str(params_file), "--data", str(data), "--out", str(out),
+           "--no-progress"]
+    first = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lock = tmp_path / "models" / ".checkpoints" / f"{SLUG}.lock"
+    try:
+        deadline = time.monotonic() + 300
+        while not (lock.is_file() and lock.read_text().startswith(f"{first.pid} ")):
+            assert first.poll() is None, first.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr.strip().splitlines()[-1].startswith(
+            f"tipsen train: error: train {SLUG} into {out}: already running in process {first.pid} on ")
+        assert first.poll() is None  # the first run goes on, untouched
+    finally:
+        first.kill()
+        first.wait()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from tipsen.errors import ConfigError
@@ -61,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tipsen {name}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `tipsen bank show | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:  # the machine refused (a full disk, no permission, a folder for a file): one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"tipsen {name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"tipsen {name}: interrupted", file=sys.stderr)
         return 130

@@ -24,12 +24,13 @@ PARAMS_FILE = str(paths.PARAMS)
 
 # Every sampling knob and its bounds, defined once: params, requests, the evaluation and the HTTP schema use these.
 SEED_MAX = 2**32 - 1  # A1111's range; every seed tipsen draws, derives or accepts lies in [0, SEED_MAX]
-Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
-Steps = Annotated[int, Field(ge=1, le=50)]  # denoising steps at inference
-Guidance = Annotated[float, Field(ge=0.0, le=20.0)]
-LoraScale = Annotated[float, Field(ge=0.0, le=2.0)]
-Size = Annotated[int, Field(ge=8, le=4096)]  # px; generate.min_size/max_size and multiples of 8 are checked on use
-NumImages = Annotated[int, Field(ge=1, le=4)]  # images per request
+# Strict: `true` is not 1 and "2" is not 2 (an int is still a valid float).
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX, strict=True)]
+Steps = Annotated[int, Field(ge=1, le=50, strict=True)]  # denoising steps at inference
+Guidance = Annotated[float, Field(ge=0.0, le=20.0, strict=True)]
+LoraScale = Annotated[float, Field(ge=0.0, le=2.0, strict=True)]
+Size = Annotated[int, Field(ge=8, le=4096, strict=True)]  # px; generate.min/max_size and multiples of 8 on use
+NumImages = Annotated[int, Field(ge=1, le=4, strict=True)]  # images per request
 Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN)]
 
 
@@ -41,7 +42,7 @@ def draw_seed() -> int:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # YAML's `true` is not 1, "2" is not 2
 
 
 class ModelsParams(Section):

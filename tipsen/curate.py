@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tipsen import imaging, paths
 from tipsen.config import CurateParams, Params, load_params
 from tipsen.errors import ConfigError
-from tipsen.io import publish_dir, sha256_file, write_json_atomic, write_text_atomic
+from tipsen.io import publish_dir, sha256_file, sweep_stale, write_json_atomic, write_text_atomic
 from tipsen.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,7 @@ def curate(cfg: Params, raw: Path, out: Path, *, metrics: Path | None = None, pr
         raise ConfigError(f"--out {out}: must be outside --raw {raw} and not contain it (raw is never modified)")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
+    sweep_stale(out)  # what a killed curation of this same output left; only its own
     registry = Registry.load()
     items, rejected = read_export(raw, registry)
     cfg.log()  # after the export checks, so that a user error prints only its one line

@@ -34,7 +34,7 @@ NO_ROUTE = Route(None, None, "none")
 class PictureRequest(BaseModel):
     """One picture's request. None takes the value from params (sizes: generate.width/height, else native)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str  # the senior's own words; generate.max_prompt_chars at most (longer is cut, with a warning)
     keyword: Slug | None = None  # a bank slug; None: routed from the prompt
@@ -348,6 +348,8 @@ def run(args) -> int:
                   lora_scale=args.lora_scale, width=args.width, height=args.height, num_images=args.num_images,
                   assist=args.assist, use_lora=not args.no_lora)
     req = as_request({k: v for k, v in fields.items() if v is not None})  # bad input fails before loading
+    if args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: is a folder; give the PNG's file name")
     registry = Registry.load()
     if req.keyword:
         registry.get(req.keyword)

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from tipsen.errors import ConfigError
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -55,8 +57,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a published file gets the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename == tmp:  # name the file the caller asked for, not ours
+            exc.filename, exc.filename2 = str(path), None
         raise
 
 
@@ -76,9 +80,15 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
 
 
 def sweep_stale(final: str | Path) -> int:
-    """Remove what a killed writer of `final` left beside it; returns how many were removed."""
+    """Remove what a killed writer of `final` left beside it; returns how many were removed.
+
+    A writer killed between publish_dir's two renames leaves no `final`, only its `.old-*` copy: that copy is
+    put back first, so the previous version is never lost."""
     final = Path(final)
-    stale = [*final.parent.glob(_tmp_prefix(final) + "*"), *final.parent.glob(f".{final.name}.old-*")]
+    olds = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not final.exists():
+        olds.pop().rename(final)
+    stale = [*final.parent.glob(_tmp_prefix(final) + "*"), *olds]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return len(stale)
@@ -106,3 +116,30 @@ def publish_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def exclusive(lock: str | Path, *, what: str) -> Iterator[None]:
+    """Hold the lock file `lock` while the block runs; if another process holds it, a ConfigError naming that
+    process (two writers of one output would delete each other's work). The lock dies with its process."""
+    import socket
+
+    from filelock import FileLock, Timeout
+
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    held = FileLock(str(lock), timeout=0)
+    try:
+        held.acquire()
+    except Timeout:
+        try:
+            holder = lock.read_text(encoding="utf-8").strip()
+        except OSError:
+            holder = ""
+        raise ConfigError(f"{what}: already running in process {holder or '(unknown)'}, which holds {lock}; "
+                          "wait for it to finish or stop it") from None
+    try:
+        lock.write_text(f"{os.getpid()} on {socket.gethostname()}\n", encoding="utf-8")
+        yield
+    finally:
+        held.release()

@@ -113,24 +113,36 @@ class Decision:
         return asdict(self)
 
 
-def decide(slug: str, candidate: float, current: float | None, margin: float) -> Decision:
-    """Promote unless the candidate's alignment is worse than the current adapter's by more than `margin`."""
+def decide(slug: str, candidate: float, current: float | None, margin: float, *,
+           live_problem: str | None = None) -> Decision:
+    """Promote unless the candidate's alignment is worse than the current adapter's by more than `margin`.
+
+    A live adapter that cannot be used (`live_problem`: a missing file, a checksum or a refused index entry)
+    loses by definition: the candidate replaces it, and the reason says why."""
     if current is None:
-        return Decision(slug, True, candidate, None, margin, "no current adapter")
+        why = "no current adapter" if live_problem in (None, "no adapter in the bank") else \
+            f"the current adapter cannot be used ({live_problem}); the candidate replaces it"
+        return Decision(slug, True, candidate, None, margin, why)
     ok = candidate >= current - margin  # False for a NaN score: a broken candidate is never promoted
     verdict = "within" if ok else "worse than"
     return Decision(slug, ok, candidate, current, margin, f"alignment {candidate:.4f} vs current {current:.4f}: "
                     f"{verdict} the margin {margin}")
 
 
+def unusable(bank: Path, slug: str) -> str | None:
+    """Why the bank's adapter for `slug` cannot be scored (no index, no entry, a refused entry, a failed check)."""
+    try:
+        return Bank(bank).reason(slug)
+    except ConfigError as exc:
+        return str(exc)
+
+
 def score_key(bank: Path, curated: Path, slug: str) -> str | None:
     """What a keyword's score depends on besides params: its adapter's sha256 and its curated folder.
-    None when the bank has no adapter for it (there is then nothing to score)."""
-    try:
-        entry = Bank(bank).entries.get(slug)
-    except ConfigError:
+    None when the bank's adapter for it cannot be used (there is then nothing to score)."""
+    if unusable(bank, slug):
         return None
-    return sha256_json([entry.sha256, folder_digest(Path(curated) / slug)]) if entry else None
+    return sha256_json([Bank(bank).entries[slug].sha256, folder_digest(Path(curated) / slug)])
 
 
 def score(params: Params, slug: str, *, bank: Path, curated: Path) -> float:

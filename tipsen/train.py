@@ -26,7 +26,7 @@ from tipsen import train_data as td
 from tipsen.bank import META_PREFIX, SUMMARY_NAME, WEIGHTS_NAME
 from tipsen.config import Params, TrainParams, load_params
 from tipsen.errors import ConfigError
-from tipsen.io import publish_dir, sha256_json, write_text_atomic
+from tipsen.io import exclusive, publish_dir, sha256_json, sweep_stale, write_text_atomic
 from tipsen.models import load_pipeline, resolve_device
 from tipsen.registry import Keyword, Registry
 
@@ -307,12 +307,21 @@ def train(params: Params, slug: str, data: Path, out: Path, *, checkpoint_dir: P
 
     `checkpoint_dir` defaults to `paths.checkpoint_dir(out)` (models/loras/x -> models/.checkpoints/x);
     `metrics_dir` (if given) receives train/<slug>.csv; `log_fn(step, mean loss)` is called every
-    `train.log_every` steps.
+    `train.log_every` steps. A second run into the same `out` while one is running fails at once, naming it.
     """
-    from tqdm import tqdm
-
     cfg, out = params.train, Path(out)
     kw = Registry.load().get(slug, field="slug")
+    with exclusive(paths.checkpoint_dir(out).parent / f"{out.name}.lock", what=f"train {slug} into {out}"):
+        sweep_stale(out)  # what a killed run of this same output left; only its own
+        return _train(params, kw, data, out, checkpoint_dir=checkpoint_dir, metrics_dir=metrics_dir, cache=cache,
+                      progress=progress, log_fn=log_fn)
+
+
+def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir, metrics_dir, cache, progress,
+           log_fn) -> TrainSummary:
+    from tqdm import tqdm
+
+    cfg, slug = params.train, kw.slug
     examples = td.load_examples(Path(data), slug, resolution=cfg.resolution, prompt_source=cfg.prompt_source)
     phash, dhash = params_hash(params), td.dataset_hash(examples)
     run_key = sha256_json([phash, dhash, params.models.base, slug])
