@@ -142,8 +142,9 @@ class ErrorShape:
     async def _rewrite(send, start: dict, raw: bytes) -> None:
         try:
             body = json.loads(raw)
-        except ValueError:
-            body = None
+        except ValueError:  # Starlette's plain-text 404 and 405 ("Not Found")
+            text = raw.decode("utf-8", "replace").strip().splitlines()
+            body = {"error": text[0][:200]} if text else {"error": f"HTTP {start['status']}"}
         if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict):
             body = body[0]
         if isinstance(body, dict) and isinstance(body.get("detail"), list):
