@@ -64,3 +64,15 @@ def test_one_definition_of_each_rule():
     assert _files(r"os\.replace\(|\.rename\(") == {"tipsen/io.py", "tipsen/retrain.py"}
     assert _files(r"^class ConfigError") == {"tipsen/errors.py"}
     assert _files(r"def describe\(|\['msg'\]|\[\"msg\"\]") == {"tipsen/errors.py"}  # one error formatter
+
+
+def test_core_packages_are_pinned_and_the_image_decoder_is_patched():
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    spec = {re.split(r"[=<>!~]", d, maxsplit=1)[0].strip().lower(): d for d in deps}
+    for name in ("torch", "torchvision", "diffusers", "peft", "transformers", "safetensors", "open_clip_torch",
+                 "bentoml", "prefect", "dvc"):
+        assert "==" in spec[name], spec[name]  # the model and serving stack moves only on purpose
+    floor = re.search(r">=\s*([\d.]+)", spec["pillow"]).group(1)
+    assert tuple(map(int, floor.split("."))) >= (13, 0, 0)  # curation decodes untrusted images
