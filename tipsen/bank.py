@@ -136,7 +136,7 @@ class Bank:
         adapters = raw.get("adapters", [])
         for i, e in enumerate(adapters if isinstance(adapters, list) else []):
             name = e.get("slug") if isinstance(e, dict) and isinstance(e.get("slug"), str) else f"adapters[{i}]"
-            reason = self._refusal(e)
+            entry, reason = self._check(e)
             if name in self.entries or self.invalid.get(name) == "listed twice in the index":
                 self.entries.pop(name, None)  # which of the two is meant? neither is used
                 reason = "listed twice in the index"
@@ -144,7 +144,6 @@ class Bank:
                 self.invalid[name] = reason
                 log.warning("bank %s: entry %s refused: %s", self.path, name, reason)
                 continue
-            entry = _Entry.model_validate(e)
             self.entries[name] = BankEntry(slug=entry.slug, keyword=entry.keyword, class_token=entry.class_token,
                                            ko=entry.ko, path=self._file(entry.path), sha256=entry.sha256,
                                            rank=entry.rank, aliases=entry.aliases, info=e)
@@ -154,18 +153,18 @@ class Bank:
     def _file(self, rel: str) -> Path:
         return (self.path.parent.resolve() / rel).resolve()
 
-    def _refusal(self, e) -> str | None:
-        """Why an index entry cannot be used, or None."""
+    def _check(self, e) -> tuple[_Entry | None, str | None]:
+        """An index entry, validated, or why it cannot be used."""
         if not isinstance(e, dict):
-            return f"an entry must be an object, got {type(e).__name__}"
+            return None, f"an entry must be an object, got {type(e).__name__}"
         try:
             entry = _Entry.model_validate(e)
         except ValidationError as exc:
-            return f"bad entry: {first_error(exc, show_input=False)}"
+            return None, f"bad entry: {first_error(exc, show_input=False)}"
         root, rel = self.path.parent.resolve(), Path(entry.path)
         if rel.is_absolute() or root not in self._file(entry.path).parents:  # symlinks are resolved first
-            return f"path {entry.path!r} points outside {root}"
-        return None
+            return None, f"path {entry.path!r} points outside {root}"
+        return entry, None
 
     def __iter__(self):
         return iter(self.entries.values())

@@ -129,20 +129,24 @@ def decide(slug: str, candidate: float, current: float | None, margin: float, *,
                     f"{verdict} the margin {margin}")
 
 
+def _live(bank: Path, slug: str) -> tuple[Bank | None, str | None]:
+    try:
+        index = Bank(bank)
+    except ConfigError as exc:
+        return None, str(exc)
+    return index, index.reason(slug)
+
+
 def unusable(bank: Path, slug: str) -> str | None:
     """Why the bank's adapter for `slug` cannot be scored (no index, no entry, a refused entry, a failed check)."""
-    try:
-        return Bank(bank).reason(slug)
-    except ConfigError as exc:
-        return str(exc)
+    return _live(bank, slug)[1]
 
 
 def score_key(bank: Path, curated: Path, slug: str) -> str | None:
     """What a keyword's score depends on besides params: its adapter's sha256 and its curated folder.
     None when the bank's adapter for it cannot be used (there is then nothing to score)."""
-    if unusable(bank, slug):
-        return None
-    return sha256_json([Bank(bank).entries[slug].sha256, folder_digest(Path(curated) / slug)])
+    index, problem = _live(bank, slug)
+    return None if problem else sha256_json([index.entries[slug].sha256, folder_digest(Path(curated) / slug)])
 
 
 def score(params: Params, slug: str, *, bank: Path, curated: Path) -> float:
