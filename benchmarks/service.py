@@ -33,7 +33,7 @@ def bench_params(out: Path, *, steps: int, size: int) -> Path:
     return write_params(out, {
         "generate": {"steps": steps, "width": size, "height": size, "min_size": size, "max_size": size},
         "assistant": {"backend": "template"},
-        "service": {"max_queue": 32, "max_concurrency": 80, "timeout_s": 600,
+        "service": {"max_queue": 32, "max_concurrency": 80, "max_client_requests": 0, "timeout_s": 600,
                     "max_latency_ms": 600_000},  # measure batching, not load shedding
     })
 

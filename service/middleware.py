@@ -1,23 +1,37 @@
-"""ASGI middleware of the tipsen service: one JSON error shape, private routes, bearer auth, a body-size cap.
+"""ASGI middleware of the tipsen service: one JSON error shape, and a guard in front of BentoML's app.
 
-Order, outermost first: ErrorShape -> Guard (private routes, auth, content type, body cap) -> BentoML's app.
-Errors are JSON `{"error": "<one line naming the field>", "detail": "..."}`. The API key is read once from the
-environment, compared in constant time and never logged.
+Order, outermost first: ErrorShape -> Guard -> BentoML's app. The guard checks, in this order: the Host header
+(DNS rebinding), private routes, bearer auth, the client's share of requests, the content type (JSON only: a web
+page cannot post JSON to another origin without asking), and the body (its size, its deadline and its rate). Only a
+request read whole counts against `service.max_concurrency`, so slow senders hold no slot. Errors are JSON
+`{"error": "<one line naming the field>", "detail": "..."}`. The API key is read once from the environment,
+compared in constant time and never logged.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
 import json
 import os
 import secrets
+from collections import Counter
 
 from tipsen.errors import describe
+from tipsen.server import BIND_HOST_ENV
 
 INTERNAL_HEADER = "x-tipsen-internal"
 INTERNAL_TOKEN = secrets.token_urlsafe(32)  # per process: lets the service call its own batch API, nobody else
 HEALTH_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
 PAGE_PATHS = frozenset({"/", "/favicon.ico"})  # the web page asks for the key itself, so it loads without one
 PAGE_PREFIX = "/ui/"
+RATE_GRACE_S = 1.0  # the first second of a body is not held to service.min_body_rate
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+PAGE_HEADERS = [  # the page runs its own script and style files only, talks to this service only, is never framed
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+                                 b"base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+]
 
 
 def _header(scope, name: bytes) -> bytes | None:
@@ -37,72 +51,177 @@ def is_internal(scope) -> bool:
     return got is not None and hmac.compare_digest(got, INTERNAL_TOKEN.encode())
 
 
-class Guard:
-    """Private routes (404 to outsiders), optional bearer auth (401), JSON only (415), a body cap (413)."""
+def host_name(host: bytes) -> str:
+    """The name of a Host header: 'example.org:3000' -> 'example.org', '[::1]:3000' -> '::1'."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1:text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
-    def __init__(self, app, *, max_body_bytes: int, private: frozenset[str] = frozenset(),
-                 key_env: str = "TIPSEN_API_KEY"):
-        self.app, self.max_body, self.private = app, max_body_bytes, private
+
+class Hosts:
+    """Which Host headers are answered: localhost names, IP literals (a rebinding attack needs a name), the name
+    `tipsen serve` bound to, and `service.allowed_hosts` ("name", ".suffix" for it and its subdomains, "*")."""
+
+    def __init__(self, allowed: list[str]):
+        bind = os.environ.get(BIND_HOST_ENV, "").strip().lower()
+        self.names = {"localhost", *(n.lower().rstrip(".") for n in allowed), *([bind] if bind else [])}
+        self.any = "*" in self.names
+
+    def allows(self, name: str) -> bool:
+        name = name.rstrip(".")
+        if self.any or name in self.names or name.endswith(".localhost"):
+            return True
+        if any(n.startswith(".") and (name == n[1:] or name.endswith(n)) for n in self.names):
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+
+
+class Guard:
+    """Host check (400), private routes (404 to outsiders), optional bearer auth (401), per-client and overall
+    limits (429), JSON only (415), a body cap (413) and a body deadline (408); security headers on every answer."""
+
+    def __init__(self, app, *, service, private: frozenset[str] = frozenset(), key_env: str = "TIPSEN_API_KEY"):
+        self.app, self.svc, self.private = app, service, private
+        self.hosts = Hosts(service.allowed_hosts)
         key = os.environ.get(key_env, "")
         self.expected = key.encode() if key else None
+        self.per_client: Counter[str] = Counter()  # requests in flight per client address, bodies still arriving too
+        self.in_flight = 0  # requests read whole and not yet answered
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path, internal = scope["path"], is_internal(scope)
-        if path in self.private and not internal:
-            return await send_json(send, 404, {"error": "Not Found"})
-        open_path = path in HEALTH_PATHS or path in PAGE_PATHS or path.startswith(PAGE_PREFIX)
-        if self.expected and not (internal or open_path):
+        path = scope["path"]
+        if is_internal(scope):  # the service's own call to its batch API: its outer request holds the slots
+            return await self.app(scope, receive, send)
+        send = self._with_headers(send, page=path in PAGE_PATHS or path.startswith(PAGE_PREFIX))
+        if path in HEALTH_PATHS:  # probes come by pod IP or any name, and are never limited
+            return await self.app(scope, receive, send)
+        if (refused := self._refusal(scope)) is not None:
+            status, message, headers = refused
+            return await send_json(send, status, {"error": message}, headers)
+        client = (scope.get("client") or ("",))[0]
+        cap = self.svc.max_client_requests
+        if cap and self.per_client[client] >= cap:
+            return await send_json(send, 429, {"error": f"busy: this client already has {cap} requests in flight "
+                                                        "(service.max_client_requests); retry in a few seconds"},
+                                   [(b"retry-after", b"5")])
+        self.per_client[client] += 1
+        try:
+            await self._admitted(scope, receive, send)
+        finally:
+            self.per_client[client] -= 1
+            if not self.per_client[client]:
+                del self.per_client[client]
+
+    def _refusal(self, scope) -> tuple[int, str, list] | None:
+        """Why a request is refused before its body is read: its Host, a private route, or no key."""
+        host = _header(scope, b"host")
+        if host is not None and not self.hosts.allows(name := host_name(host)):
+            return 400, (f"host: {name[:100]!r} is not a name this service answers to; add it to "
+                         "service.allowed_hosts (localhost and IP addresses are always answered)"), []
+        if scope["path"] in self.private:
+            return 404, "Not Found", []
+        open_path = scope["path"] in PAGE_PATHS or scope["path"].startswith(PAGE_PREFIX)
+        if self.expected and not open_path:
             scheme, _, token = (_header(scope, b"authorization") or b"").partition(b" ")
             # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(b" "), self.expected):
-                return await send_json(send, 401, {"error": "authorization: send the header "
-                                                            "'Authorization: Bearer <key>' with the service's key"},
-                                       [(b"www-authenticate", b"Bearer")])
-        if scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        ctype = (_header(scope, b"content-type") or b"application/json").split(b";")[0].strip().lower()
-        if ctype not in (b"application/json", b"text/plain", b""):  # BentoML would try multipart, pickle...
-            return await send_json(send, 415, {"error": f"content-type: {ctype.decode('latin-1')!r} is not "
-                                                        "supported; allowed: application/json"})
-        body = await self._read(scope, receive, send)
-        if body is None:
-            return
-        replayed = False
+                return 401, "authorization: send the header 'Authorization: Bearer <key>' with the service's key", \
+                    [(b"www-authenticate", b"Bearer")]
+        return None
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later calls only wait for the disconnect
+    async def _admitted(self, scope, receive, send):
+        app_receive = receive
+        if scope["method"] == "POST":
+            ctype = (_header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
+            unsupported = {"error": f"content-type: {ctype.decode('latin-1')[:80]!r} is not supported; allowed: "
+                                    "application/json"}
+            if ctype and ctype != b"application/json":  # text/plain: what any web page may post to another site
+                return await send_json(send, 415, unsupported)
+            body = await self._read(scope, receive, send)
+            if body is None:
+                return
+            if body and not ctype:  # a body without a type is also a page's cross-site post; no body: BentoML's 400
+                unsupported["error"] = "content-type: none was sent; allowed: application/json"
+                return await send_json(send, 415, unsupported)
+            replayed = False
 
-        await self.app(scope, replay, send)
+            async def app_receive():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # later calls only wait for the disconnect
+
+        if self.in_flight >= self.svc.max_concurrency:
+            return await send_json(send, 429, {"error": f"busy: {self.svc.max_concurrency} requests are in flight "
+                                                        "(service.max_concurrency); retry in a few seconds"},
+                                   [(b"retry-after", b"5")])
+        self.in_flight += 1
+        try:
+            await self.app(scope, app_receive, send)
+        finally:
+            self.in_flight -= 1
 
     async def _read(self, scope, receive, send) -> bytes | None:
-        """The whole body, or None after answering 413 (the body is buffered: it is capped and small)."""
-        too_big = {"error": f"body: larger than {self.max_body} bytes (service.max_body_bytes)"}
+        """The whole body, or None after answering 413 or 408 (the body is buffered: it is capped and small).
+
+        It must arrive within service.body_timeout_s, and after its first second at service.min_body_rate bytes
+        a second on average: a sender that trickles bytes is cut off instead of holding the connection."""
+        limit, deadline_s, rate = self.svc.max_body_bytes, self.svc.body_timeout_s, self.svc.min_body_rate
+        too_big = {"error": f"body: larger than {limit} bytes (service.max_body_bytes)"}
+        close = [(b"connection", b"close")]
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            await send_json(send, 413, too_big, [(b"connection", b"close")])
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await send_json(send, 413, too_big, close)
             return None
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         chunks, size, more = [], 0, True
         while more:
-            msg = await receive()
+            rate_limit = max(RATE_GRACE_S, size / rate) if rate else deadline_s
+            wait = min(deadline_s, rate_limit) - (loop.time() - start)
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                msg = await asyncio.wait_for(receive(), wait)
+            except TimeoutError:
+                slow = (f"body: arriving slower than {rate} bytes a second (service.min_body_rate)"
+                        if rate_limit < deadline_s else
+                        f"body: not received within {deadline_s:g} s (service.body_timeout_s)")
+                await send_json(send, 408, {"error": slow}, close)
+                return None
             if msg["type"] == "http.disconnect":
                 return None
             chunk = msg.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
-                await send_json(send, 413, too_big, [(b"connection", b"close")])
+            if size > limit:
+                await send_json(send, 413, too_big, close)
                 return None
             chunks.append(chunk)
             more = msg.get("more_body", False)
         return b"".join(chunks)
 
+    @staticmethod
+    def _with_headers(send, *, page: bool):
+        extra = SECURITY_HEADERS + (PAGE_HEADERS if page else [])
 
-def _one_line(detail: list) -> str:
+        async def wrapped(msg):
+            if msg["type"] == "http.response.start":
+                have = {k.lower() for k, _ in msg.get("headers", [])}
+                msg = {**msg, "headers": [*msg.get("headers", []), *(h for h in extra if h[0] not in have)]}
+            await send(msg)
+
+        return wrapped
+
+
+def one_line(detail: list) -> str:
     """Pydantic errors as 'field: message (got value)' clauses, formatted as everywhere in tipsen."""
     return "; ".join(describe(err, skip=("body", "query"), show_input=False) if isinstance(err, dict) else str(err)
                      for err in detail)
@@ -148,7 +267,7 @@ class ErrorShape:
         if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict):
             body = body[0]
         if isinstance(body, dict) and isinstance(body.get("detail"), list):
-            line = _one_line(body["detail"])
+            line = one_line(body["detail"])
             body = {"error": line or body.get("error", "invalid request"), "detail": line}
         elif isinstance(body, dict) and "error" not in body and isinstance(body.get("detail"), str):
             body = {"error": body["detail"]}  # Starlette's {"detail": "Not Found"}

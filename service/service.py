@@ -29,12 +29,13 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from service.middleware import INTERNAL_HEADER, INTERNAL_TOKEN, ErrorShape, Guard
-from tipsen import paths
+from service.middleware import INTERNAL_HEADER, INTERNAL_TOKEN, ErrorShape, Guard, one_line
+from tipsen import paths, privacy
 from tipsen.assistant import Refinement
 from tipsen.config import Seed, Slug, load_params
 from tipsen.errors import ConfigError
 from tipsen.generate import GenerationRequest, PictureRequest, Plan
+from tipsen.privacy import shown
 from tipsen.registry import Registry
 
 log = logging.getLogger("tipsen.service")
@@ -43,6 +44,35 @@ STATIC = Path(__file__).resolve().parent / "static"
 PARAMS = load_params(os.environ.get("TIPSEN_PARAMS") or ROOT / paths.PARAMS)
 GEN, SVC = PARAMS.generate, PARAMS.service
 BANK = Path(os.environ.get("TIPSEN_BANK") or ROOT / paths.BANK)
+privacy.log_prompts(SVC.log_prompts)
+
+
+class QuietClientErrors(logging.Filter):
+    """BentoML logs every refused request at ERROR with a traceback, and pydantic's message quotes the input: the
+    senior's words. A client's mistake is one INFO line naming the fields, never the body; a request shed under load
+    (503) is one WARNING line; any other server error keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pydantic import ValidationError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        status = getattr(getattr(exc, "error_code", None), "value", 500)
+        level, what = logging.INFO, "refused"
+        if isinstance(exc, ValidationError):
+            why = one_line(exc.errors(include_input=False, include_context=False))
+        elif isinstance(exc, bentoml.exceptions.BentoMLException) and (status < 500 or status == 503):
+            why = f"{type(exc).__name__} ({status})"
+            if status == 503:
+                level, what, why = logging.WARNING, "shed", f"{exc} ({status})"
+        else:
+            return True
+        path = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg, record.args, record.exc_info, record.exc_text = f"{what} %s: %s", (path, why), None, None
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        return True
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietClientErrors())
 
 # Over HTTP a prompt longer than generate.max_prompt_chars is refused rather than cut: a page can say so.
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=GEN.max_prompt_chars)]
@@ -187,7 +217,7 @@ NOT_READY = {503: {"model": ErrorOut, "description": "still loading"}}
 @bentoml.asgi_app(ui, path="/")
 @bentoml.service(
     name="tipsen",
-    traffic={"timeout": SVC.timeout_s, "max_concurrency": SVC.max_concurrency},
+    traffic={"timeout": SVC.timeout_s},  # service.max_concurrency is the Guard's: it counts only bodies read whole
     resources={"gpu": SVC.gpus} if SVC.gpus else {"cpu": "2"},
     workers=1,  # one SDXL pipeline per GPU; scale out with replicas
     endpoints={"livez": "/livez", "readyz": "/readyz"},
@@ -252,6 +282,7 @@ class Tipsen:
             plan = self.generator.resolve(inp, refine=False)
         except ConfigError as exc:
             return error(400, str(exc))
+        log.info("request: prompt %s, adapter %s, %d image(s)", shown(inp.prompt), plan.adapter, plan.num_images)
         if not self.slots.acquire():
             return error(429, BUSY)
         # BentoML's pattern: call the batchable API through the service's own client, so the dispatcher batches.
@@ -305,6 +336,7 @@ class Tipsen:
                 self.registry.get(inp.keyword)
         except ConfigError as exc:
             return error(400, str(exc))
+        log.info("refine: prompt %s", shown(inp.prompt))
         if not self.slots.acquire():
             return error(429, BUSY)
 
@@ -349,4 +381,4 @@ class Tipsen:
 
 
 Tipsen.add_asgi_middleware(ErrorShape)
-Tipsen.add_asgi_middleware(Guard, max_body_bytes=SVC.max_body_bytes, private=frozenset({"/generate_batch"}))
+Tipsen.add_asgi_middleware(Guard, service=SVC, private=frozenset({"/generate_batch"}))

@@ -202,6 +202,20 @@ def test_transformers_rejects_gibberish_and_falls_back(llm_assistant, registry, 
     assert_valid(r.prompt, registry["gimjang"])
     rejected = [rec for rec in caplog.records if "failed: rejected" in rec.getMessage()]
     assert len(rejected) == 2
+    # A senior's words are personal: by default the log keeps their length, never the words or the answer.
+    assert "김장하던" not in caplog.text and "characters withheld" in rejected[0].getMessage()
+
+
+def test_prompts_are_logged_only_when_switched_on(llm_assistant, caplog):
+    from tipsen import privacy
+
+    privacy.log_prompts(True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tipsen.assistant"):
+            llm_assistant.refine("어릴 적 김장하던 날", seed=1)
+    finally:
+        privacy.log_prompts(False)
+    assert "어릴 적 김장하던 날" in caplog.text
 
 
 def test_transformers_batch_matches_single_calls_per_seed(llm_assistant, registry):

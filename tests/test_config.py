@@ -47,6 +47,14 @@ def test_profile_switch_by_env(root, monkeypatch):
     (lambda r: r.update(profile="nope"), "profile 'nope' is not defined; allowed: demo, paper"),
     (lambda r: r.update(colour="red"), "unknown top-level key 'colour'"),
     (lambda r: r["profiles"]["demo"].update(sampler={}), "profiles.demo.sampler: unknown key; allowed:"),
+    (lambda r: r["profiles"]["demo"]["service"].update(allowed_hosts=["http://tipsen.example/"]),
+     "profiles.demo.service.allowed_hosts.0: String should match pattern"),  # a name, not a URL
+    (lambda r: r["profiles"]["demo"]["service"].update(body_timeout_s=120),
+     "body_timeout_s (120) must be less than timeout_s (120)"),
+    (lambda r: r["profiles"]["demo"]["service"].update(max_queue=100),
+     "max_concurrency (80) must be at least max_queue (100)"),
+    (lambda r: r["profiles"]["demo"]["service"].update(log_prompts="yes"),
+     "profiles.demo.service.log_prompts: Input should be a valid boolean"),
 ])
 def test_bad_params_name_the_key(root, mutate, needle):
     raw = _raw(root)

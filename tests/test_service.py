@@ -65,7 +65,7 @@ def bank(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, bank):
     main_dir, small_dir = tmp_path_factory.mktemp("main"), tmp_path_factory.mktemp("small")
-    small_params = {**TEST_PARAMS, "service": {"timeout_s": 2, "max_queue": 2, "max_concurrency": 8,
+    small_params = {**TEST_PARAMS, "service": {"timeout_s": 2, "body_timeout_s": 1, "max_queue": 2, "max_concurrency": 8,
                                                "max_batch_size": 2, "max_latency_ms": 60000}}
     main = Server(main_dir, params=write_params(main_dir / "params.yaml", TEST_PARAMS), bank=bank, key=KEY)
     small = Server(small_dir, params=write_params(small_dir / "params.yaml", small_params), bank=bank)
@@ -356,6 +356,26 @@ def test_schema_fuzz(main):
         statuses[status] += n
     assert not [s for s in statuses if s >= 500], statuses
     assert statuses[200] > 20 and statuses[400] > 20, statuses
+
+
+def test_prompts_stay_out_of_the_logs(main, small):
+    """A senior's words are personal: with service.log_prompts off (the default) no log line holds them, not even
+    BentoML's report of a refused request, which is one INFO line naming the fields, without a traceback."""
+    words = "우리 어머니가 담그시던 동치미 4417"
+    for server, headers in ((main, AUTH), (small, {})):
+        assert post(server, "/refine", {"prompt": words}, headers=headers).status_code == 200
+        assert post(server, "/generate", {"prompt": words, "steps": 1}, headers=headers).status_code == 200
+        for bad in ({"prompt": words, "steps": "x"}, {"prompt": words * 100}, {"prompt": words, "colour": 1}):
+            r = post(server, "/generate", bad, headers=headers)
+            assert r.status_code == 400 and words not in r.text, r.text
+        assert httpx.get(f"{server.url}/route", params={"text": words}, headers=headers).status_code == 200
+    for server in (main, small):
+        logs = server.logs()
+        assert words not in logs and words[:6] not in logs
+        assert "characters withheld" in logs  # the request lines are there, without the words
+        refused = [line for line in logs.splitlines() if "refused /generate" in line]
+        assert refused and all(" INFO " in line or "[INFO]" in line for line in refused), refused[:3]
+        assert "Exception on /generate" not in logs and "Traceback" not in logs
 
 
 def test_key_never_logged(main, small):

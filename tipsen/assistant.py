@@ -20,6 +20,7 @@ from tipsen.assistant_backends import (HANGUL, PHOTO_OF, PREFIX, OpenAIBackend, 
                                        TransformersBackend, foreign_char, trim_words)
 from tipsen.config import SEED_MAX, AssistantParams, Params, draw_seed, load_params
 from tipsen.errors import ConfigError
+from tipsen.privacy import shown
 from tipsen.registry import Keyword, Registry
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,8 @@ class Assistant:
                     except Rejected as exc:
                         reasons[i] = f"rejected: {exc}"
                         retry.append(i)
-                log.warning("assistant %s attempt %d/%d for %r failed: %s; answer: %r", self.llm.name, k + 1,
-                            self.cfg.attempts, prompts[i][:40], reasons[i], (reply.text or "")[:80])
+                log.warning("assistant %s attempt %d/%d for %s failed: %s; answer: %s", self.llm.name, k + 1,
+                            self.cfg.attempts, shown(prompts[i], 40), reasons[i], shown(reply.text or ""))
             pending = retry
         for i in (i for i in range(n) if out[i] is None):
             prompt = validate(self.template.compose(prompts[i], kws[i], used[i]), kws[i], max_words=self.cfg.max_words)

@@ -189,20 +189,33 @@ class EvalParams(Section):
         return self
 
 
+# A Host header name the service answers to: "tipsen.example.org", ".example.org" (it and its subdomains) or "*".
+HostName = Annotated[str, StringConstraints(pattern=r"^(\*|\.?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*)$",
+                                            max_length=253)]
+
+
 class ServiceParams(Section):
     max_batch_size: int = Field(8, ge=2, le=64)  # requests per adaptive batch (BentoML needs >= 2)
     max_latency_ms: int = Field(60_000, ge=1)  # BentoML sheds (503) a queued request predicted to take longer
     timeout_s: int = Field(300, ge=1)  # per HTTP request; the GPU work of a timed-out request still runs
-    max_concurrency: int = Field(80, ge=2)  # HTTP requests in flight per worker; each generation holds two
+    max_concurrency: int = Field(80, ge=1)  # requests in flight, counted once their body is read; beyond: 429
     max_queue: int = Field(32, ge=1)  # generation/refine requests admitted and not yet finished; beyond: 429
+    max_client_requests: int = Field(16, ge=0)  # in flight from one client address, body reads too; 0: no cap
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    body_timeout_s: float = Field(10.0, gt=0.0, le=600.0)  # a request body must arrive within this; beyond: 408
+    min_body_rate: int = Field(1024, ge=0)  # bytes/s on average after the first second; slower: 408 (0: any)
+    allowed_hosts: list[HostName] = Field(default_factory=list)  # Host names besides localhost and IPs; "*": any
+    log_prompts: bool = False  # a senior's words are personal: they appear in the server log only when true
     gpus: int = Field(1, ge=0, le=1)  # one SDXL worker per GPU; scale out with replicas
 
     @model_validator(mode="after")
-    def _room_for_queue(self) -> "ServiceParams":
-        if self.max_concurrency < 2 * self.max_queue:
-            raise ValueError(f"max_concurrency ({self.max_concurrency}) must be at least 2 x max_queue "
-                             f"({self.max_queue}): each admitted generation is an outer and an inner HTTP call")
+    def _limits_agree(self) -> "ServiceParams":
+        if self.max_concurrency < self.max_queue:
+            raise ValueError(f"max_concurrency ({self.max_concurrency}) must be at least max_queue "
+                             f"({self.max_queue}): every admitted request is also in flight")
+        if self.body_timeout_s >= self.timeout_s:
+            raise ValueError(f"body_timeout_s ({self.body_timeout_s:g}) must be less than timeout_s "
+                             f"({self.timeout_s}): reading the body is part of the request")
         return self
 
 

@@ -18,6 +18,7 @@ from tipsen.errors import ConfigError
 
 ROOT = paths.ROOT
 SERVICE = "service.service:Tipsen"
+BIND_HOST_ENV = "TIPSEN_BIND_HOST"  # the service answers to the Host name it was bound to (service/middleware.py)
 
 
 def add_arguments(parser) -> None:
@@ -28,7 +29,8 @@ def add_arguments(parser) -> None:
 
 def command(*, params: Path, profile: str | None, bank: Path, host: str, port: int) -> tuple[list[str], dict]:
     """The `bentoml serve` command line and its environment."""
-    env = {**os.environ, "TIPSEN_PARAMS": str(params.resolve()), "TIPSEN_BANK": str(bank.resolve())}
+    env = {**os.environ, "TIPSEN_PARAMS": str(params.resolve()), "TIPSEN_BANK": str(bank.resolve()),
+           BIND_HOST_ENV: host}  # the Host check answers to the name bound to
     if profile:
         env["TIPSEN_PROFILE"] = profile
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no usage reports from an offline service

@@ -27,7 +27,7 @@ SERVICE_PARAMS = {
     "generate": {"steps": 4, "width": SERVICE_SIZE, "height": SERVICE_SIZE, "min_size": 32, "max_size": SERVICE_SIZE},
     "assistant": {"backend": "template"},
     "service": {"max_batch_size": 8, "max_latency_ms": 300000, "timeout_s": 300, "max_queue": 20,
-                "max_concurrency": 48},
+                "max_concurrency": 48, "max_client_requests": 40},
 }
 
 

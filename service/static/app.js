@@ -14,6 +14,7 @@ const TEXT = {
     notReady: "준비 중", routeTo: (kw) => `${kw.ko} (${kw.keyword})${particle(kw.ko)} 그릴게요.`,
     routeOff: (kw) => `${kw.ko} 주제는 지금 쓸 수 없어서, 기본 그림으로 그릴게요.`,
     routeNone: "적어 주신 대로 그릴게요.",
+    privacy: "적어 주신 글과 만든 그림은 보여 드린 뒤 어디에도 남기지 않아요.",
     errors: {
       empty: "떠올리고 싶은 장면을 먼저 적어 주세요.",
       busy: "지금은 그림을 그리는 분이 많아요. 잠시 후에 다시 눌러 주세요.",
@@ -38,6 +39,7 @@ const TEXT = {
     notReady: "not available", routeTo: (kw) => `I'll draw it as ${kw.keyword} (${kw.ko}).`,
     routeOff: (kw) => `${kw.keyword} is not available now, so I'll draw a plain picture.`,
     routeNone: "I'll draw it as you wrote it.",
+    privacy: "What you write and the pictures made from it are not kept anywhere after they are shown to you.",
     errors: {
       empty: "Please write the scene you want to recall first.",
       busy: "Many pictures are being drawn right now. Please try again in a moment.",
