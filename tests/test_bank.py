@@ -145,35 +145,3 @@ def test_bank_cli_typo_is_one_line_and_allow_empty_is_explicit(built, tmp_path):
     assert shown.returncode == 0 and "Traceback" not in shown.stderr
     assert "adapters[0]\t-\t-\trefused: an entry must be an object" in shown.stdout
     assert "gimjang\t-\t-\trefused: bad entry: keyword: Field required" in shown.stdout
-
-
-@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_published_files_follow_the_umask(mask, mode, tmp_path):
-    from tipsen.io import publish_dir
-
-    old = os.umask(mask)
-    try:
-        write_json_atomic(tmp_path / "a.json", {"x": 1})
-        with publish_dir(tmp_path / "d") as tmp:
-            (tmp / "f").write_text("x")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
-    assert (tmp_path / "d").stat().st_mode & 0o777 == mode | (0o111 & ~mask & 0o777)
-
-
-def test_a_kill_between_the_two_renames_of_a_publish_keeps_the_old_version(tmp_path):
-    from tipsen.io import publish_dir, sweep_stale
-
-    final = tmp_path / "gimjang"
-    with publish_dir(final) as tmp:
-        (tmp / "v").write_text("old")
-    # The state a kill leaves after `final -> .old-PID` and before `tmp -> final`: no live version at all.
-    final.rename(tmp_path / ".gimjang.old-4242")
-    (tmp_path / ".gimjang.tmp-abc").mkdir()
-    (tmp_path / ".gimjang.tmp-abc" / "v").write_text("new, never published")
-    assert sweep_stale(final) == 1  # the next writer's start puts the old version back, then sweeps
-    assert (final / "v").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["gimjang"]
-    with publish_dir(final) as tmp:
-        (tmp / "v").write_text("new")
-    assert (final / "v").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["gimjang"]
