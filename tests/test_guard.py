@@ -9,7 +9,6 @@ Attackers connect from 127.0.0.2, another client address on the loopback network
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections import Counter
@@ -18,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tipsen.testing import SERVICE_CORRUPT, SERVICE_PARAMS, SERVICE_SLUGS, Server, random_bank, write_params
+from tipsen.testing import (SERVICE_CORRUPT, SERVICE_PARAMS, SERVICE_SLUGS, Server, random_bank, slow_post,
+                            write_params)
 
 pytestmark = pytest.mark.slow  # a real server on the tiny models
 
@@ -27,7 +27,6 @@ BODY_TIMEOUT = 3  # service.body_timeout_s
 PARAMS = {**SERVICE_PARAMS, "service": {**SERVICE_PARAMS["service"], "max_client_requests": CAP,
                                         "body_timeout_s": BODY_TIMEOUT, "min_body_rate": 1024, "log_prompts": True,
                                         "allowed_hosts": ["tipsen.example", ".example.org"]}}
-ATTACKER = "127.0.0.2"
 
 
 @pytest.fixture(scope="module")
@@ -42,49 +41,6 @@ def server(tmp_path_factory):
         srv.stop()
 
 
-def slow_post(port: int, *, body_len: int, chunk: bytes, every_s: float, bound_s: float, source: str = ATTACKER,
-              path: str = "/refine") -> tuple[int | None, str]:
-    """A client that sends the headers, then `chunk` every `every_s` seconds, for at most `bound_s` seconds (the
-    attack is bounded: a test must end). Returns the status the server answered and its body (None: no answer)."""
-    sock = socket.socket()
-    sock.settimeout(bound_s + 30)
-    sock.bind((source, 0))
-    try:
-        sock.connect(("127.0.0.1", port))
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {body_len}\r\n\r\n".encode())
-        sock.setblocking(False)
-        deadline, sent, answer = time.monotonic() + bound_s, 0, b""
-        while time.monotonic() < deadline and sent < body_len:
-            try:
-                answer += sock.recv(65536)
-                if b"\r\n\r\n" in answer:
-                    break  # the server answered before the body was complete
-            except BlockingIOError:
-                pass
-            try:
-                sock.send(chunk[:body_len - sent])
-                sent += len(chunk)
-            except (BrokenPipeError, ConnectionResetError, BlockingIOError):
-                break
-            time.sleep(every_s)
-        sock.setblocking(True)
-        try:
-            while b"\r\n\r\n" not in answer and (got := sock.recv(65536)):
-                answer += got
-            head, _, rest = answer.partition(b"\r\n\r\n")
-            while len(rest) < int(dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:]
-                                       if b": " in line).get(b"content-length", b"0")) and (got := sock.recv(65536)):
-                rest += got
-        except (ConnectionResetError, socket.timeout):
-            pass
-        if not answer.startswith(b"HTTP/1.1 "):
-            return None, ""
-        return int(answer.split(b" ", 2)[1]), answer.partition(b"\r\n\r\n")[2].decode("utf-8", "replace")
-    finally:
-        sock.close()
-
-
 def test_slow_bodies_do_not_starve_the_service(server):
     """Ninety connections sending a body a byte at a time, the attack that made every endpoint answer 429: the
     attacker's share is capped, its slow bodies are cut off, and a well-behaved client is served throughout."""
@@ -94,7 +50,7 @@ def test_slow_bodies_do_not_starve_the_service(server):
 
     def attack():
         start.wait()
-        results.append(slow_post(port, body_len=400, chunk=b" ", every_s=0.25, bound_s=20))
+        results.append(slow_post(port, body_len=400, chunk=b" ", every_s=0.25, bound_s=20, source="127.0.0.2"))
 
     attackers = [threading.Thread(target=attack) for _ in range(90)]
     for t in attackers:
@@ -120,8 +76,7 @@ def test_slow_bodies_do_not_starve_the_service(server):
 def test_a_body_must_arrive_within_its_deadline(server):
     port = int(server.url.rsplit(":", 1)[1])
     # fast enough for the rate (4 KiB a second) but 32 KiB would take 8 s, more than body_timeout_s
-    status, body = slow_post(port, body_len=32 * 1024, chunk=b" " * 1024, every_s=0.25, bound_s=30,
-                             source="127.0.0.1")
+    status, body = slow_post(port, body_len=32 * 1024, chunk=b" " * 1024, every_s=0.25, bound_s=30)
     assert status == 408 and json.loads(body)["error"] == f"body: not received within {BODY_TIMEOUT} s " \
                                                           "(service.body_timeout_s)", body
 

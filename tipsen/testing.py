@@ -194,3 +194,46 @@ class Server:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
         self._out.close()
+
+
+def slow_post(port: int, *, body_len: int, chunk: bytes, every_s: float, bound_s: float, source: str = "127.0.0.1",
+              path: str = "/refine") -> tuple[int | None, str]:
+    """A client that sends the headers, then `chunk` every `every_s` seconds, for at most `bound_s` seconds (the
+    attack is bounded: a test must end). Returns the status the server answered and its body (None: no answer)."""
+    sock = socket.socket()
+    sock.settimeout(bound_s + 30)
+    sock.bind((source, 0))
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {body_len}\r\n\r\n".encode())
+        sock.setblocking(False)
+        deadline, sent, answer = time.monotonic() + bound_s, 0, b""
+        while time.monotonic() < deadline and sent < body_len:
+            try:
+                answer += sock.recv(65536)
+                if b"\r\n\r\n" in answer:
+                    break  # the server answered before the body was complete
+            except BlockingIOError:
+                pass
+            try:
+                sock.send(chunk[:body_len - sent])
+                sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError, BlockingIOError):
+                break
+            time.sleep(every_s)
+        sock.setblocking(True)
+        try:
+            while b"\r\n\r\n" not in answer and (got := sock.recv(65536)):
+                answer += got
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            while len(rest) < int(dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:]
+                                       if b": " in line).get(b"content-length", b"0")) and (got := sock.recv(65536)):
+                rest += got
+        except (ConnectionResetError, socket.timeout):
+            pass
+        if not answer.startswith(b"HTTP/1.1 "):
+            return None, ""
+        return int(answer.split(b" ", 2)[1]), answer.partition(b"\r\n\r\n")[2].decode("utf-8", "replace")
+    finally:
+        sock.close()
