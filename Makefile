@@ -13,14 +13,27 @@ export BENTOML_DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TIPSEN_HOME ?= $(CURDIR)/.cache/tipsen
 
-.PHONY: venv demo paper test test-fast bench serve clean
+.PHONY: venv lock demo paper test test-fast bench serve clean
 
-$(STAMP): pyproject.toml
+# Every install is the same one: the locked versions first, then tipsen itself on top without resolving again.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e '.[test]'
 	touch $@
 
 venv: $(STAMP)
+
+# requirements.lock from the working venv. After changing pyproject.toml: `$(BIN)/python -m pip install -e '.[test]'`,
+# then `make lock` (tests/test_layout.py checks that the lock agrees with pyproject.toml's pins).
+lock:
+	$(BIN)/python -m pip check
+	{ printf '%s\n' \
+	    "# The exact versions that make venv installs for tipsen[test], on Linux x86_64 with CPython 3.11." \
+	    "# Made by make lock: pip freeze --all --exclude-editable of the working .venv, less pip itself." \
+	    "# To refresh: change pyproject.toml, .venv/bin/python -m pip install -e '.[test]', then make lock."; \
+	  $(BIN)/python -m pip freeze --all --exclude-editable | grep -v '^pip=='; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock
 
 demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh

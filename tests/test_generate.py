@@ -375,7 +375,7 @@ def test_cli_writes_png_and_prints_json(root, lora_root, tmp_path, capsys):
     code = main(["generate", "김장", "--params", str(root / "params.yaml"), "--profile", "demo", "--out",
                  str(blocked / "x.png"), "--seed", "1", "--steps", str(STEPS), "--bank", str(lora_root / "bank.json")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and err[-1] == f"tipsen generate: error: {blocked}: File exists"  # one line, no traceback
+    assert code == 1 and err[-1] == f"tipsen generate: error: {blocked}: is a file, where a folder is needed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder", "blocked", "out.png"]  # no temp file left
 
 

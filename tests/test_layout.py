@@ -76,3 +76,34 @@ def test_core_packages_are_pinned_and_the_image_decoder_is_patched():
         assert "==" in spec[name], spec[name]  # the model and serving stack moves only on purpose
     floor = re.search(r">=\s*([\d.]+)", spec["pillow"]).group(1)
     assert tuple(map(int, floor.split("."))) >= (13, 0, 0)  # curation decodes untrusted images
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503: open_clip_torch is open-clip-torch
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.match(r"\d+(?:\.\d+)*", version).group().split("."))
+
+
+def test_the_lock_pins_each_package_once_and_agrees_with_pyproject():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    lines = [line.strip() for line in (ROOT / "requirements.lock").read_text(encoding="utf-8").splitlines()]
+    assert lines[0].startswith("#") and any("make lock" in line for line in lines if line.startswith("#"))
+    locked: dict[str, str] = {}
+    for line in (line for line in lines if line and not line.startswith("#")):
+        found = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\d[0-9A-Za-z.+!-]*)", line)
+        assert found, f"requirements.lock: {line!r} is not name==version"
+        name = _canonical(found[1])
+        assert name not in locked, f"requirements.lock: {name} twice"
+        locked[name] = found[2]
+    assert "tipsen" not in locked and "pip" not in locked  # the project is installed on top, --no-deps
+    for dep in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+        name = _canonical(re.split(r"[=<>!~;\[\s]", dep, maxsplit=1)[0])
+        assert name in locked, f"{dep!r} is not in requirements.lock; run make lock"
+        for op, bound in re.findall(r"(==|>=|<)\s*([\d.]+)", dep.split("#")[0]):
+            have, want = locked[name], bound
+            ok = {"==": have == want, ">=": _release(have) >= _release(want), "<": _release(have) < _release(want)}[op]
+            assert ok, f"pyproject.toml wants {dep!r}; requirements.lock has {name}=={have}; run make lock"

@@ -40,7 +40,10 @@ def build_bank(loras: Path, out: Path, *, keywords: list[str], registry: Registr
     """Index every trained adapter of `keywords` under `loras/` into `out`, atomically.
 
     A missing `loras` folder is an error, and so is replacing an index that has adapters with an empty one
-    (a typo in --loras must not empty a served bank), unless `allow_empty`."""
+    (a typo in --loras must not empty a served bank), unless `allow_empty`. So is an adapter file that is not
+    safetensors (a pickle renamed, a broken copy) or a summary that is not JSON: it names the file."""
+    from safetensors import SafetensorError
+
     loras, out = Path(loras), Path(out)
     if not loras.is_dir():
         raise ConfigError(f"--loras {loras}: not a folder of trained adapters")
@@ -54,9 +57,18 @@ def build_bank(loras: Path, out: Path, *, keywords: list[str], registry: Registr
         if not weights.is_file():
             missing.append(slug)
             continue
-        meta = adapter_metadata(weights)
+        try:
+            meta = adapter_metadata(weights)  # the header only: a pickle under this name is never unpickled
+        except SafetensorError as exc:
+            raise ConfigError(f"--loras {loras}: {slug}/{WEIGHTS_NAME} is not a safetensors file ({exc}); "
+                              "retrain the keyword or remove the file") from None
         summary_file = loras / slug / SUMMARY_NAME
-        summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+        try:
+            summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ConfigError(f"--loras {loras}: {slug}/{SUMMARY_NAME} is not valid JSON "
+                              f"({getattr(exc, 'msg', None) or exc.reason}); retrain the keyword or remove the "
+                              "file") from None
         entries.append({
             "slug": slug, "keyword": kw.keyword, "class_token": kw.class_token, "ko": kw.ko,
             "aliases": list(kw.aliases), "category": kw.category,

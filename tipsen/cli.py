@@ -6,10 +6,13 @@ command being run, so `tipsen --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 
 from tipsen.errors import ConfigError
 
@@ -35,7 +38,16 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = _main(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # buffered output meets a closed pipe here, inside the guard, not at exit
+    except BrokenPipeError:  # `tipsen bank show | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit either
+        return 0
+    return code
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -62,16 +74,34 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tipsen {name}: error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `tipsen bank show | head`: the reader left, which is not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except OSError as exc:  # the machine refused (a full disk, no permission, a folder for a file): one line
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"tipsen {name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 1
+    except BrokenPipeError:
+        raise
     except KeyboardInterrupt:
         print(f"tipsen {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        refused = _refusal(exc)
+        if refused is None:  # our own bug: a traceback
+            raise
+        print(f"tipsen {name}: error: {refused}", file=sys.stderr)
+        return 1
+
+
+def _refusal(exc: Exception) -> str | None:
+    """One line for the machine refusing (a full disk, no permission, a file where a folder must be), else None.
+
+    That is an OSError, or the same error reported by safetensors' Rust writer, which raises SafetensorError."""
+    if not isinstance(exc, OSError):
+        found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+        if found is None:
+            return None
+        exc = OSError(int(found[1]), os.strerror(int(found[1])))
+    name = exc.filename
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and isinstance(name, (str, os.PathLike)):  # met a file on the way
+        blocker = next((p for p in (Path(name), *Path(name).parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return f"{blocker}: is a file, where a folder is needed"
+    return f"{name}: {exc.strerror or exc}" if name else str(exc.strerror or exc)
 
 
 if __name__ == "__main__":

@@ -297,7 +297,8 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
 def parse_params(raw: Any, *, source: str = PARAMS_FILE, profile: str | None = None) -> Params:
     """Validate a params mapping and return the selected profile."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping with 'profile' and 'profiles'")
+        got = "nothing" if raw is None else f"a {type(raw).__name__}"
+        raise ConfigError(f"{source}: expected a mapping with 'profile' and 'profiles', got {got}")
     unknown = sorted(set(raw) - {"profile", "keywords", "profiles"})
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r}; allowed: profile, keywords, profiles")
@@ -321,13 +322,41 @@ def parse_params(raw: Any, *, source: str = PARAMS_FILE, profile: str | None = N
         raise ConfigError(f"{source}: {msg}") from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML would keep the last one silently."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then an override is meant
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                line = first.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base constructor reports it
+                continue
+            if line != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping (first at line {line})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = PARAMS_FILE, *, profile: str | None = None) -> Params:
     """Load and validate `params.yaml`; `TIPSEN_PROFILE` overrides the file's `profile:`."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the project root or pass --params") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; --params needs a params file (YAML)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 YAML file ({exc.reason} at byte {exc.start})") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}not valid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     return parse_params(raw, source=str(path), profile=profile)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from contextlib import nullcontext
@@ -326,7 +327,7 @@ def _assistant(params: Params, registry: Registry):
 
 def add_arguments(parser) -> None:
     parser.add_argument("prompt", help="the senior's own words, in Korean or English")
-    parser.add_argument("--out", required=True, type=Path,
+    parser.add_argument("--out", required=True,  # a str: Path() would drop the trailing '/' of a folder
                         help="PNG to write; with --num-images N, OUT-0.png ... OUT-(N-1).png")
     parser.add_argument("--keyword", help="bank keyword slug (default: routed from the prompt)")
     parser.add_argument("--seed", type=int, help="default: random, and reported")
@@ -348,7 +349,8 @@ def run(args) -> int:
                   lora_scale=args.lora_scale, width=args.width, height=args.height, num_images=args.num_images,
                   assist=args.assist, use_lora=not args.no_lora)
     req = as_request({k: v for k, v in fields.items() if v is not None})  # bad input fails before loading
-    if args.out.is_dir():
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", os.sep)):
         raise ConfigError(f"--out {args.out}: is a folder; give the PNG's file name")
     registry = Registry.load()
     if req.keyword:
@@ -356,7 +358,6 @@ def run(args) -> int:
     assistant = _assistant(params, registry) if args.assist else None
     generator = Generator(params, bank=args.bank, assistant=assistant, registry=registry)
     result = generator.generate(req)
-    out: Path = args.out
     names = [out] if len(result.images) == 1 else \
         [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(result.images))]
     files = [str(save_png(image, path, result.metadata)) for image, path in zip(result.images, names)]
