@@ -78,10 +78,12 @@ def slow_body_attack(url: str, *, attackers: int, seconds: float) -> dict:
     answers: list[int | None] = []
     start = threading.Barrier(attackers + 1)
 
-    def attack():
+    def attack():  # each attacker reconnects as soon as it is cut off, for the whole attack
         start.wait()
-        answers.append(slow_post(port, body_len=10_000, chunk=b" ", every_s=1.0, bound_s=seconds,
-                                 source="127.0.0.2")[0])
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            answers.append(slow_post(port, body_len=10_000, chunk=b" ", every_s=1.0, bound_s=left,
+                                     source="127.0.0.2")[0])
 
     threads = [threading.Thread(target=attack) for _ in range(attackers)]
     for t in threads:
@@ -96,6 +98,7 @@ def slow_body_attack(url: str, *, attackers: int, seconds: float) -> dict:
     for t in threads:
         t.join()
     return {"attackers": attackers, "byte_every_s": 1.0, "attack_s": round(time.monotonic() - t0, 1),
+            "attacker_connections": len(answers),
             "attacker_answers": {str(k): v for k, v in Counter(answers).items()},
             "good_requests": sum(good.values()), "good_served": good[200],
             "good_refused": sum(v for k, v in good.items() if k != 200)}

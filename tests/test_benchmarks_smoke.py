@@ -117,6 +117,13 @@ def check_service(r: dict) -> None:
     _paired(r["http_vs_direct"])
 
 
+def check_hardening(r: dict) -> None:
+    http, slow, cli = r["http"], r["slow_body"], r["cli"]
+    assert http["tried"] > 50 and http["server_errors"] == 0 and http["server_tracebacks"] == 0, http
+    assert slow["good_served"] > 0 and slow["good_refused"] == 0 and "408" in slow["attacker_answers"], slow
+    assert cli["tried"] >= 20 and cli["tracebacks"] == 0 and cli["wrong_exit"] == 0 and cli["file_kept"], cli
+
+
 CASES = {
     # result name: (command-line arguments, checks)
     "curate": (["benchmarks.curate"], check_curate),
@@ -127,6 +134,7 @@ CASES = {
     "assistant": (["benchmarks.assistant"], check_assistant),
     "evaluate": (["benchmarks.evaluate"], check_evaluate),
     "service": (["benchmarks.service"], check_service),
+    "hardening": (["benchmarks.hardening"], check_hardening),
 }
 
 
