@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=3921)
     args = ap.parse_args()
 
+    from tipsen.config import load_params
     from tipsen.testing import SERVICE_PARAMS, Server, random_bank, write_params
 
     tmp = Path(tempfile.mkdtemp(prefix="tipsen-hardening-"))
@@ -182,7 +183,10 @@ def main() -> None:
     for row in results["cli"]["rows"]:
         if row["traceback"] or row["wrong_exit"] or row["error_lines"] != 1:
             print("  cli:", row)
-    write_result("hardening", results, params={"smoke": args.smoke})
+    out = write_result("hardening" + ("-smoke" if args.smoke else ""), results,
+                       params={"smoke": args.smoke,
+                               "service": load_params(params, profile="demo").service.model_dump()})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,8 @@ def test_make_bench_entry_point_runs_the_named_benchmarks_with_options(root, tmp
     assert [p.name for p in tmp_path.iterdir()] == ["assistant-smoke.json"]  # --smoke reached the benchmark
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "warp"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
-        "benchmarks: unknown benchmark warp; allowed: curate, train, generate, assistant, evaluate, service"]
+        "benchmarks: unknown benchmark warp; allowed: curate, train, generate, assistant, evaluate, service, "
+        "hardening"]
 
 
 @pytest.mark.parametrize("name", list(CASES))
