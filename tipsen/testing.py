@@ -226,10 +226,11 @@ def slow_post(port: int, *, body_len: int, chunk: bytes, every_s: float, bound_s
         try:
             while b"\r\n\r\n" not in answer and (got := sock.recv(65536)):
                 answer += got
-            head, _, rest = answer.partition(b"\r\n\r\n")
-            while len(rest) < int(dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:]
-                                       if b": " in line).get(b"content-length", b"0")) and (got := sock.recv(65536)):
-                rest += got
+            head = answer.partition(b"\r\n\r\n")[0]
+            length = int(dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:]
+                              if b": " in line).get(b"content-length", b"0"))
+            while len(answer) - len(head) - 4 < length and (got := sock.recv(65536)):
+                answer += got
         except (ConnectionResetError, socket.timeout):
             pass
         if not answer.startswith(b"HTTP/1.1 "):
