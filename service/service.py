@@ -161,6 +161,10 @@ class RouteOut(Model):
     ko: str | None
     available: bool
     matched: str | None
+    source: str  # explicit, alias (a name), words (everyday words) or none
+    confidence: float
+    also: list[str]  # further keywords recognised, in order of confidence
+    ask: list[str]  # keywords only suspected: ask the senior before drawing them
 
 
 class ErrorOut(Model):
@@ -238,6 +242,7 @@ class Tipsen:
 
             PARAMS.log()
             self.registry = Registry.load()
+            self.registry.route("김장")  # loads the Korean analyser now, not on a senior's first request
             curated = ROOT / paths.CURATED
             self.assistant = Assistant.from_params(PARAMS, registry=self.registry,
                                                    curated=curated if curated.is_dir() else None)
@@ -377,7 +382,8 @@ class Tipsen:
         adapter = self.generator.status()["adapters"].get(route.slug) if route.slug else None
         kw = self.registry[route.slug] if route.slug else None
         return RouteOut(slug=route.slug, keyword=kw and kw.keyword, ko=kw and kw.ko, matched=route.matched,
-                        available=bool(adapter and adapter["available"]))
+                        available=bool(adapter and adapter["available"]), source=route.source,
+                        confidence=route.confidence, also=list(route.also), ask=list(route.ask))
 
 
 Tipsen.add_asgi_middleware(ErrorShape)

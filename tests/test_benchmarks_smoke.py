@@ -124,6 +124,12 @@ def check_hardening(r: dict) -> None:
     assert cli["tried"] >= 20 and cli["tracebacks"] == 0 and cli["wrong_exit"] == 0 and cli["file_kept"], cli
 
 
+def check_routing(r: dict) -> None:
+    assert r["accuracy"] and all(0 <= a <= 1 for a in r["accuracy"].values())
+    assert sum(r["counts"].values()) >= 1 and 0 <= r["overall"] <= 1 and _pos(r["startup_s"])
+    _stats(r["ms_per_sentence"])
+
+
 CASES = {
     # result name: (command-line arguments, checks)
     "curate": (["benchmarks.curate"], check_curate),
@@ -135,6 +141,7 @@ CASES = {
     "evaluate": (["benchmarks.evaluate"], check_evaluate),
     "service": (["benchmarks.service"], check_service),
     "hardening": (["benchmarks.hardening"], check_hardening),
+    "routing": (["benchmarks.routing"], check_routing),
 }
 
 
@@ -148,7 +155,7 @@ def test_make_bench_entry_point_runs_the_named_benchmarks_with_options(root, tmp
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "warp"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "benchmarks: unknown benchmark warp; allowed: curate, train, generate, assistant, evaluate, service, "
-        "hardening"]
+        "hardening, routing"]
 
 
 @pytest.mark.parametrize("name", list(CASES))

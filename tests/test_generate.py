@@ -62,10 +62,14 @@ def test_all_adapters_resident_none_active(gen):
 def test_routing(gen):
     assert gen.route("어릴 적 김장하던 날").slug == "gimjang"
     assert gen.route("GIM  JANG with grandma").slug == "gimjang"  # case- and spacing-insensitive
-    assert gen.route("김장 하던 날, 세종대왕 동상 앞에서").slug == "sejong"  # the longer name wins
+    both = gen.route("김장 하던 날, 세종대왕 동상 앞에서")  # two keywords: the first named is drawn
+    assert (both.slug, both.also) == ("gimjang", ("sejong",))
     explicit = gen.route("어릴 적 김장하던 날", keyword="yakgwa")
     assert (explicit.slug, explicit.source) == ("yakgwa", "explicit")
-    assert gen.route("a quiet morning by the sea").as_dict() == {"slug": None, "matched": None, "source": "none"}
+    assert gen.route("a quiet morning by the sea").as_dict() == {
+        "slug": None, "matched": None, "source": "none", "confidence": 0.0, "evidence": [], "also": [], "ask": []}
+    plan = gen.resolve({"prompt": "김장 하던 날, 세종대왕 동상 앞에서", "assist": False})
+    assert plan.route.slug == "gimjang" and "also recognised: sejong; only gimjang is drawn" in plan.warnings
 
 
 def test_routed_prompt_and_metadata(gen):
@@ -74,7 +78,8 @@ def test_routed_prompt_and_metadata(gen):
         {"prompt": "a quiet morning by the sea", "seed": 1, "steps": STEPS}])
     meta = routed.metadata
     assert meta["keyword"] == meta["adapter"] == "gimjang"
-    assert meta["route"] == {"slug": "gimjang", "matched": "김장하", "source": "alias"}  # longest alias
+    assert meta["route"] == {"slug": "gimjang", "matched": "김장", "source": "alias", "confidence": 1.0,
+                             "evidence": ["김장"], "also": [], "ask": []}  # the name, on morphemes: 김장 + 하 + 던
     assert meta["prompt"] == "A photo of Gimjang Tradition, 어릴 적 김장하던 날"  # keyword, class token, own words
     assert (meta["seed"], meta["steps"], meta["guidance"], meta["lora_scale"]) == (1, STEPS, 5.0, 0.7)
     assert (meta["width"], meta["height"], meta["model"]) == (64, 64, "tiny:sdxl")

@@ -86,6 +86,24 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.match(r"\d+(?:\.\d+)*", version).group().split("."))
 
 
+def test_the_service_image_pins_what_pyproject_pins():
+    """The Bento installs service/requirements.txt: a package pinned exactly for tipsen is pinned the same there,
+    and the image decoder's floor holds there too."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    pinned = {_canonical(d.split("==")[0]): d.split("#")[0].strip() for d in deps if "==" in d}
+    service = {}
+    for line in (ROOT / "service" / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            service[_canonical(re.split(r"[=<>!~]", line, maxsplit=1)[0])] = line
+    for name, spec in service.items():
+        if name in pinned:
+            assert spec.replace(" ", "") == pinned[name].replace(" ", ""), (spec, pinned[name])
+    assert _release(re.search(r">=\s*([\d.]+)", service["pillow"]).group(1)) >= (13, 0, 0)
+
+
 def test_the_lock_pins_each_package_once_and_agrees_with_pyproject():
     import tomllib
 

@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web")
-    bank = random_bank(tmp / "bank", SERVICE_SLUGS, corrupt=SERVICE_CORRUPT)
+    bank = random_bank(tmp / "bank", [*SERVICE_SLUGS, "charye"], corrupt=SERVICE_CORRUPT)  # charye: a homonym
     srv = Server(tmp, params=write_params(tmp / "params.yaml", SERVICE_PARAMS), bank=bank, key=KEY)
     try:
         srv.wait_ready()
@@ -173,6 +173,30 @@ def test_keyboard_only_reaches_the_box_submits_and_saves(page, tmp_path):
     download.value.save_as(saved)
     assert download.value.suggested_filename == f"tipsen-{page.text_content('#used-seed')}.png"
     assert Image.open(saved).size == (SIZE, SIZE)
+
+
+def test_an_unsure_route_asks_and_the_chip_confirms(page):
+    """차례 is a rite or a turn: the page asks, the senior confirms with the chip, and it is drawn as asked."""
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/generate") else None)
+    page.fill("#prompt", "차례")
+    page.wait_for_function("() => document.getElementById('route').textContent.includes('그릴까요')")
+    assert page.inner_text("#route") == "차례를 그릴까요? 그렇다면 아래 '차례'를 눌러 주세요."
+    assert page.get_attribute('#chips button[data-slug="charye"]', "aria-pressed") == "false"
+    page.click('#chips button[data-slug="charye"]')
+    assert page.get_attribute('#chips button[data-slug="charye"]', "aria-pressed") == "true"
+    assert page.input_value("#prompt") == "차례"  # confirmed, not typed again
+    assert page.inner_text("#route") == "차례 (Chuseok Charye)로 그릴게요."
+    page.click("#make")
+    page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+    assert sent[-1] == {"prompt": "차례", "keyword": "charye"}
+    assert page.text_content("#used-keyword") == "차례 (Chuseok Charye)"
+
+
+def test_a_second_keyword_is_named_in_the_hint(page):
+    page.fill("#prompt", "김장하는 날 약과도 먹었어요")
+    page.wait_for_function("() => document.getElementById('route').textContent.includes('알아들었지만')")
+    assert page.inner_text("#route") == "김장 (Gimjang)으로 그릴게요. 약과도 알아들었지만, 한 번에 한 주제만 그려요."
 
 
 def test_empty_prompt_is_a_korean_sentence(page):

@@ -125,6 +125,7 @@ class GenerateParams(Section):
     max_prompt_chars: int = Field(1000, ge=1)
     negative_prompt: str = ""
     fuse_lora: bool = False  # only for single-keyword workloads
+    max_keywords: int = Field(3, ge=1, le=8)  # keywords routing returns; the first is drawn, the others reported
 
 
 class OpenAIParams(Section):

@@ -25,11 +25,10 @@ from tipsen import paths
 from tipsen.config import Guidance, LoraScale, NumImages, Params, Seed, Size, Slug, Steps, draw_seed, load_params
 from tipsen.errors import ConfigError, first_error
 from tipsen.io import atomic_path
-from tipsen.registry import Registry, Route, normalize
+from tipsen.registry import NO_ROUTE, Registry, Route, normalize
 
 log = logging.getLogger(__name__)
 
-NO_ROUTE = Route(None, None, "none")
 
 
 class PictureRequest(BaseModel):
@@ -147,8 +146,8 @@ class Generator:
         }
 
     def route(self, text: str, keyword: str | None = None) -> Route:
-        """An explicit keyword wins; else the longest registry name or alias found in the text; else none."""
-        return self.registry.route(text, explicit=keyword)
+        """An explicit keyword wins; else the keywords the registry routes the text to (tipsen/routing.py)."""
+        return self.registry.route(text, explicit=keyword, limit=self.cfg.max_keywords)
 
     def size(self, width: int | None, height: int | None) -> tuple[int, int]:
         """The picture size: the given one, else generate.width/height, else the model's native size; checked."""
@@ -202,6 +201,10 @@ class Generator:
             if adapter is None:
                 why = self.reasons.get(route.slug) or self.bank_error or "not in the bank"
                 notes.append(f"no LoRA for {route.slug} ({why}); the base model is used")
+        if route.also:  # one adapter per picture until the bank draws several together
+            notes.append(f"also recognised: {', '.join(route.also)}; only {route.slug} is drawn")
+        if route.ask:
+            notes.append(f"perhaps {', '.join(route.ask)}: not drawn without a clearer mention")
         plan = Plan(prompt=self._with_keyword(words, route.slug), seed=draw_seed() if req.seed is None else req.seed,
                     steps=req.steps or cfg.steps, guidance=cfg.guidance if req.guidance is None else req.guidance,
                     width=width, height=height, adapter=adapter,

@@ -25,6 +25,13 @@ class Keyword(BaseModel):
     category: str = Field(min_length=1)
     aliases: tuple[str, ...] = ()
     description: str = Field(min_length=1)
+    # Routing knowledge (tipsen/routing.py): everyday words a senior uses instead of the name; words that confirm
+    # the name where it is also an everyday word; patterns where the name is used in its everyday sense; and
+    # the names that are also everyday words, which route only with a context word (else the router asks).
+    words: tuple[str, ...] = ()
+    context: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    ambiguous: tuple[str, ...] = ()
 
     @property
     def prompt(self) -> str:
@@ -44,12 +51,24 @@ def normalize(text: str) -> str:
 
 @dataclass(frozen=True)
 class Route:
-    slug: str | None
-    matched: str | None
-    source: str  # "explicit", "alias" or "none"
+    slug: str | None  # the keyword drawn; None: the base model alone
+    matched: str | None  # the name or words that chose it
+    source: str  # "explicit", "alias" (a name), "words" (everyday words) or "none"
+    confidence: float = 0.0
+    evidence: tuple[str, ...] = ()  # every pattern that matched for `slug`
+    also: tuple[str, ...] = ()  # further keywords routed, in order of confidence
+    ask: tuple[str, ...] = ()  # keywords only suspected: a page asks before drawing them
+
+    @property
+    def slugs(self) -> tuple[str, ...]:
+        return ((self.slug,) if self.slug else ()) + self.also
 
     def as_dict(self) -> dict:
-        return {"slug": self.slug, "matched": self.matched, "source": self.source}
+        return {"slug": self.slug, "matched": self.matched, "source": self.source, "confidence": self.confidence,
+                "evidence": list(self.evidence), "also": list(self.also), "ask": list(self.ask)}
+
+
+NO_ROUTE = Route(None, None, "none")
 
 
 class Registry:
@@ -95,13 +114,40 @@ class Registry:
             raise ConfigError(f"{field}: unknown keyword {slug!r}; allowed: {', '.join(allowed)}")
         return self.keywords[slug]
 
-    def route(self, text: str, *, explicit: str | None = None, allowed: list[str] | None = None) -> Route:
-        """Map free text to a keyword: an explicit slug wins, else the longest alias found in the text."""
+    @cached_property
+    def _patterns(self) -> dict[str, tuple[list, list, list, list, bool]]:
+        """Each keyword's names, words, context and exclusions as routing patterns (analysed once)."""
+        from tipsen import routing
+
+        def pats(texts) -> list:
+            return [routing.pattern(t) for t in dict.fromkeys(texts) if routing.clean(t).strip()]
+
+        def exclusions(k: Keyword) -> list:  # a name before a business or a station is a place name (거북선횟집)
+            places = [] if k.category == "food" else [f"{n} {suffix}" for n in (k.ko, *k.aliases)
+                                                      if routing.HANGUL.search(n) for suffix in routing.PLACES]
+            return pats((*k.exclude, *places))
+
+        return {k.slug: (pats((k.keyword, k.ko, *k.aliases)), pats(k.words), pats(k.context), exclusions(k),
+                         frozenset(routing.clean(a) for a in k.ambiguous)) for k in self}
+
+    def route(self, text: str, *, explicit: str | None = None, allowed: list[str] | None = None,
+              limit: int = 3) -> Route:
+        """Map free text to keywords: an explicit slug wins; else the best-scored keyword (tipsen/routing.py),
+        with up to `limit - 1` more in `also` and the suspected ones in `ask`."""
+        from tipsen import routing
+
         if explicit:
             self.get(explicit, allowed=allowed)
-            return Route(explicit, explicit, "explicit")
-        haystack = normalize(text)
-        for name, slug in self._names:
-            if name in haystack and (allowed is None or slug in allowed):
-                return Route(slug, name, "alias")
-        return Route(None, None, "none")
+            return Route(explicit, explicit, "explicit", 1.0, (explicit,))
+        parsed = routing.Text.of(text)
+        found = [c for slug, (names, words, context, exclude, ambiguous) in self._patterns.items()
+                 if allowed is None or slug in allowed
+                 if (c := routing.score(parsed, slug, names, words, context, exclude, ambiguous)) is not None]
+        found.sort(key=lambda c: (-c.confidence, c.first, c.slug))
+        routed = [c for c in found if c.confidence >= routing.ROUTE][:limit]
+        ask = tuple(c.slug for c in found if c.confidence < routing.ROUTE)
+        if not routed:
+            return Route(None, None, "none", ask=ask)
+        top = routed[0]
+        return Route(top.slug, top.evidence[0], top.source, top.confidence, top.evidence,
+                     tuple(c.slug for c in routed[1:]), ask)

@@ -14,6 +14,8 @@ const TEXT = {
     notReady: "준비 중", routeTo: (kw) => `${kw.ko} (${kw.keyword})${particle(kw.ko)} 그릴게요.`,
     routeOff: (kw) => `${kw.ko} 주제는 지금 쓸 수 없어서, 기본 그림으로 그릴게요.`,
     routeNone: "적어 주신 대로 그릴게요.",
+    routeAsk: (kw) => `${kw.ko}${objectParticle(kw.ko)} 그릴까요? 그렇다면 아래 '${kw.ko}'${objectParticle(kw.ko)} 눌러 주세요.`,
+    routeAlso: (names) => `${names}도 알아들었지만, 한 번에 한 주제만 그려요.`,
     privacy: "적어 주신 글과 만든 그림은 보여 드린 뒤 어디에도 남기지 않아요.",
     errors: {
       empty: "떠올리고 싶은 장면을 먼저 적어 주세요.",
@@ -39,6 +41,8 @@ const TEXT = {
     notReady: "not available", routeTo: (kw) => `I'll draw it as ${kw.keyword} (${kw.ko}).`,
     routeOff: (kw) => `${kw.keyword} is not available now, so I'll draw a plain picture.`,
     routeNone: "I'll draw it as you wrote it.",
+    routeAsk: (kw) => `Shall I draw ${kw.keyword}? If so, tap '${kw.keyword}' below.`,
+    routeAlso: (names) => `I also noticed ${names}, but I draw one topic at a time.`,
     privacy: "What you write and the pictures made from it are not kept anywhere after they are shown to you.",
     errors: {
       empty: "Please write the scene you want to recall first.",
@@ -55,6 +59,7 @@ const $ = (id) => document.getElementById(id);
 let lang = sessionStorage.getItem("tipsen-lang") === "en" ? "en" : "ko";
 let keywords = [];
 let route = null;
+let chosen = null;  // a keyword the senior confirmed by its chip when the hint asked; sent as `keyword`
 let lastPrompt = "";
 let working = false;
 let pending = null;  // the action to retry once the access key is entered
@@ -65,6 +70,12 @@ function particle(word) {
   if (code < 0 || code > 11171) return "로";
   const final = code % 28;
   return final === 0 || final === 8 ? "로" : "으로";
+}
+
+// "약과" + 를, "약식" + 을: the object particle follows the last syllable's final consonant too.
+function objectParticle(word) {
+  const code = word.charCodeAt(word.length - 1) - 0xac00;
+  return code >= 0 && code <= 11171 && code % 28 ? "을" : "를";
 }
 
 function t(key) { return TEXT[lang][key]; }
@@ -128,25 +139,46 @@ function renderChips() {
     chip.type = "button";
     chip.dataset.slug = kw.slug;
     chip.textContent = lang === "ko" ? kw.ko : kw.keyword;
-    chip.setAttribute("aria-pressed", String(route !== null && route.slug === kw.slug));
+    chip.setAttribute("aria-pressed", String(drawn() === kw.slug));
     if (!kw.available) {
       chip.setAttribute("aria-disabled", "true");
       chip.textContent += ` (${t("notReady")})`;
       chip.title = kw.reason || "";
     }
-    chip.addEventListener("click", () => insertKeyword(kw));
+    chip.addEventListener("click", () => pickKeyword(kw));
     box.append(chip);
   }
 }
 
+// The keyword the picture will be drawn with: the one the senior confirmed, else the routed one.
+function drawn() { return chosen || (route && route.slug) || null; }
+
+function byslug(slug) { return keywords.find((kw) => kw.slug === slug); }
+
 function renderRoute() {
   const hint = $("route");
-  if (!$("prompt").value.trim() || route === null) { hint.textContent = ""; return; }
-  if (!route.slug) hint.textContent = t("routeNone");
-  else hint.textContent = route.available ? t("routeTo")(route) : t("routeOff")(route);
-  for (const chip of $("chips").children) {
-    chip.setAttribute("aria-pressed", String(route.slug === chip.dataset.slug));
+  if (!$("prompt").value.trim() || route === null) { hint.textContent = ""; }
+  else if (chosen) { hint.textContent = t("routeTo")(byslug(chosen)); }
+  else if (!route.slug) {
+    const asked = route.ask.map(byslug).find((kw) => kw && kw.available);
+    hint.textContent = asked ? t("routeAsk")(asked) : t("routeNone");
+  } else {
+    hint.textContent = route.available ? t("routeTo")(route) : t("routeOff")(route);
+    const also = route.also.map(byslug).filter(Boolean).map((kw) => (lang === "ko" ? kw.ko : kw.keyword));
+    if (also.length) hint.textContent += " " + t("routeAlso")(also.join(", "));
   }
+  for (const chip of $("chips").children) {
+    chip.setAttribute("aria-pressed", String(drawn() === chip.dataset.slug));
+  }
+}
+
+// A chip the hint asked about confirms that keyword (or, pressed again, takes it back); any other chip adds its
+// name to the text.
+function pickKeyword(kw) {
+  if (!kw.available) return;
+  if (chosen === kw.slug) { chosen = null; renderRoute(); return; }
+  if (route && !route.slug && route.ask.includes(kw.slug)) { chosen = kw.slug; renderRoute(); return; }
+  insertKeyword(kw);
 }
 
 function insertKeyword(kw) {
@@ -167,7 +199,7 @@ function updateRoute() {
   clearTimeout(routeTimer);
   routeTimer = setTimeout(async () => {
     const text = $("prompt").value.trim();
-    if (!text) { route = null; renderRoute(); return; }
+    if (!text) { route = null; chosen = null; renderRoute(); return; }
     try {
       route = await call(`/route?text=${encodeURIComponent(text.slice(0, 1000))}`, { askKey: false });
     } catch {
@@ -211,7 +243,8 @@ async function make(prompt) {
   lastPrompt = prompt;
   setWorking(true);
   try {
-    const out = await call("/generate", { method: "POST", body: { prompt }, timeout: GENERATE_TIMEOUT_MS });
+    const body = chosen ? { prompt, keyword: chosen } : { prompt };
+    const out = await call("/generate", { method: "POST", body, timeout: GENERATE_TIMEOUT_MS });
     showResult(out);
   } catch (err) {
     if (err.kind === "auth") pending = () => make(prompt);
@@ -250,6 +283,7 @@ document.addEventListener("DOMContentLoaded", () => {
     $("result").hidden = true;
     $("prompt").value = "";
     route = null;
+    chosen = null;
     renderRoute();
     $("prompt").focus();
   });
