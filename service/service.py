@@ -285,7 +285,7 @@ class Tipsen:
             return unavailable
         try:  # the one validation of this request: a 400 here is never admitted
             plan = self.generator.resolve(inp, refine=False)
-        except ConfigError as exc:
+        except ConfigError as exc:  # NoTopic too: a 400, the status BentoML's OpenAPI document lists for its APIs
             return error(400, str(exc))
         log.info("request: prompt %s, adapter %s, %d image(s)", shown(inp.prompt), plan.adapter, plan.num_images)
         if not self.slots.acquire():

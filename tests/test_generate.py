@@ -80,7 +80,9 @@ def test_routed_prompt_and_metadata(gen):
     assert meta["keyword"] == meta["adapter"] == "gimjang"
     assert meta["route"] == {"slug": "gimjang", "matched": "김장", "source": "alias", "confidence": 1.0,
                              "evidence": ["김장"], "also": [], "ask": []}  # the name, on morphemes: 김장 + 하 + 던
-    assert meta["prompt"] == "A photo of Gimjang Tradition, 어릴 적 김장하던 날"  # keyword, class token, own words
+    # SDXL reads English only: the template and the keyword's description; the senior's words stay in `input`
+    assert meta["prompt"] == "A photo of Gimjang Tradition, families making large batches of kimchi together in " \
+                             "late autumn" and meta["input"] == "어릴 적 김장하던 날"
     assert (meta["seed"], meta["steps"], meta["guidance"], meta["lora_scale"]) == (1, STEPS, 5.0, 0.7)
     assert (meta["width"], meta["height"], meta["model"]) == (64, 64, "tiny:sdxl")
     assert set(meta["timings"]) == {"queue", "refine", "diffusion", "total"}
@@ -244,6 +246,23 @@ def test_cli_refuses_an_explicit_keyword_without_adapter(demo_params, lora_root,
                        "pytorch_lora_weights.safetensors); allowed: gimjang, yakgwa")
 
 
+def test_sdxl_reads_english_only(gen, registry):
+    """With the assistant off, Korean words never reach SDXL: each routed keyword's template and description do;
+    Korean words with no keyword are a NoTopic error; English words pass through after the template."""
+    from tipsen.errors import NoTopic
+
+    two = gen.resolve({"prompt": "송편을 먹고 강강술래를 했지요"})
+    assert two.prompt == (f"A photo of Songpyeon Food, {registry['songpyeon'].description}; "
+                          f"A photo of Ganggangsullae Dance, {registry['ganggangsullae'].description}")
+    assert not any("\uac00" <= ch <= "\ud7a3" for ch in two.prompt) and two.input == "송편을 먹고 강강술래를 했지요"
+    with pytest.raises(NoTopic, match=r"^prompt: no topic was recognised .* Topics: 약과 \(yakgwa\), 첨성대"):
+        gen.resolve({"prompt": "바닷가에서 조개를 줍던 여름"})
+    assert gen.resolve({"prompt": "a quiet morning by the sea"}).prompt == "a quiet morning by the sea"
+    assert gen.resolve({"prompt": "grandma making kimbap"}).prompt == "A photo of Kimbap Food, grandma making kimbap"
+    assert gen.resolve({"prompt": "바닷가에서 조개를 줍던 여름", "keyword": "hanok"}).prompt.startswith(
+        "A photo of Hanok House, ")  # an explicit keyword is a topic
+
+
 def test_plans_are_resolved_once_and_rendered_as_given(gen, demo_params, registry):
     import dataclasses
 
@@ -255,7 +274,8 @@ def test_plans_are_resolved_once_and_rendered_as_given(gen, demo_params, registr
         plan.seed = 4
     assert (plan.adapter, plan.lora_scale, plan.width, plan.height, plan.steps, plan.guidance) == \
         ("gimjang", 0.7, 64, 64, STEPS, 5.0)
-    assert plan.prompt == "A photo of Gimjang Tradition, 어릴 적 김장하던 날" and plan.input == "어릴 적 김장하던 날"
+    assert plan.prompt == f"A photo of Gimjang Tradition, {registry['gimjang'].description}"
+    assert plan.input == "어릴 적 김장하던 날"
     rendered = gen.render([plan])[0]
     assert _same(rendered.images[0], gen.generate({"prompt": "어릴 적 김장하던 날", "seed": 3, "steps": STEPS}).images[0])
     # A plan built by hand is drawn exactly as given: here the bare template, with no words appended.

@@ -150,6 +150,10 @@ def test_route(main):
     r = httpx.get(f"{main.url}/route", params={"text": "김장하는 날"}, headers=AUTH).json()
     assert (r["slug"], r["ko"], r["keyword"], r["available"]) == ("gimjang", "김장", "Gimjang", True)
     assert httpx.get(f"{main.url}/route", params={"text": "바다"}, headers=AUTH).json()["slug"] is None
+    two = httpx.get(f"{main.url}/route", params={"text": "김장하는 날 약과도 먹었어요"}, headers=AUTH).json()
+    assert (two["slug"], two["also"], two["source"], two["confidence"]) == ("gimjang", ["yakgwa"], "alias", 1.0)
+    asked = httpx.get(f"{main.url}/route", params={"text": "차례"}, headers=AUTH).json()
+    assert (asked["slug"], asked["ask"]) == (None, ["charye"])  # a rite or a turn: the page asks
 
 
 def test_generate_returns_pngs_prompt_keyword_seed_and_timings(main):
@@ -169,6 +173,10 @@ def test_generate_returns_pngs_prompt_keyword_seed_and_timings(main):
     assert plain["assistant_backend"] is None and plain["refined"] is None
     assert plain["prompt"].startswith("A photo of Gimjang Tradition")  # the paper's template, then the words
     assert isinstance(plain["seed"], int)  # a random seed, reported
+    korean = post(main, "/generate", {"prompt": "김장하는 날", "assist": False, "steps": 1}).json()
+    assert korean["prompt"].startswith("A photo of Gimjang Tradition, families") and korean["original"] == "김장하는 날"
+    unknown = post(main, "/generate", {"prompt": "바닷가에서 조개를 줍던 여름", "assist": False, "steps": 1})
+    assert unknown.status_code == 400 and unknown.json()["error"].startswith("prompt: no topic was recognised")
 
 
 def test_generate_png_same_seed_same_bytes(main):

@@ -199,6 +199,16 @@ def test_a_second_keyword_is_named_in_the_hint(page):
     assert page.inner_text("#route") == "김장 (Gimjang)으로 그릴게요. 약과도 알아들었지만, 한 번에 한 주제만 그려요."
 
 
+def test_korean_with_no_topic_is_a_korean_sentence(page):
+    """Simulated in the browser: the page always asks for the assistant, so the service itself never answers it."""
+    page.route("**/generate", lambda route: route.fulfill(status=400, content_type="application/json",
+                                                          body='{"error": "prompt: no topic was recognised in x"}'))
+    page.fill("#prompt", "바닷가에서 조개를 줍던 여름")
+    page.click("#make")
+    page.wait_for_function("() => document.getElementById('error').textContent.length > 0")
+    assert page.inner_text("#error") == "어떤 주제인지 알아듣지 못했어요. 아래 주제 가운데 하나를 눌러 주세요."
+
+
 def test_empty_prompt_is_a_korean_sentence(page):
     requests = []
     page.on("request", lambda r: requests.append(r.url) if r.url.endswith("/generate") else None)

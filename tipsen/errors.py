@@ -10,6 +10,10 @@ class ConfigError(ValueError):
     """A user's mistake in params or arguments: printed as one line, never a traceback."""
 
 
+class NoTopic(ConfigError):
+    """Korean words with no keyword in them and no assistant to translate them: nothing SDXL could read."""
+
+
 def _shown(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -23,9 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tipsen import paths
 from tipsen.config import Guidance, LoraScale, NumImages, Params, Seed, Size, Slug, Steps, draw_seed, load_params
-from tipsen.errors import ConfigError, first_error
+from tipsen.errors import ConfigError, NoTopic, first_error
 from tipsen.io import atomic_path
 from tipsen.registry import NO_ROUTE, Registry, Route, normalize
+from tipsen.routing import HANGUL
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class Generator:
             notes.append(f"also recognised: {', '.join(route.also)}; only {route.slug} is drawn")
         if route.ask:
             notes.append(f"perhaps {', '.join(route.ask)}: not drawn without a clearer mention")
-        plan = Plan(prompt=self._with_keyword(words, route.slug), seed=draw_seed() if req.seed is None else req.seed,
+        plan = Plan(prompt=words if req.assist else self._with_keyword(words, route), seed=draw_seed() if req.seed is None else req.seed,
                     steps=req.steps or cfg.steps, guidance=cfg.guidance if req.guidance is None else req.guidance,
                     width=width, height=height, adapter=adapter,
                     lora_scale=(cfg.lora_scale if req.lora_scale is None else req.lora_scale) if adapter else 0.0,
@@ -228,11 +229,21 @@ class Generator:
             out[i] = dataclasses.replace(plans[i], prompt=r.prompt, refined=r.model_dump(), refine_s=each)
         return out
 
-    def _with_keyword(self, words: str, slug: str | None) -> str:
-        """The paper's "A photo of [keyword] [class]", then the caller's own words (unless they already hold both)."""
-        if slug is None:
+    def _with_keyword(self, words: str, route: Route) -> str:
+        """What SDXL reads when the assistant is off. English words: the paper's "A photo of [keyword] [class]",
+        then the words (unless they already hold both). Korean words: each routed keyword's template and English
+        description, since CLIP's tokenizer turns Hangul into byte fragments; the words stay in the metadata.
+        Korean words with no keyword in them are a NoTopic error that lists the topics."""
+        if HANGUL.search(words):
+            if not route.slugs:
+                topics = ", ".join(f"{k.ko} ({k.slug})" for k in self.registry)
+                raise NoTopic("prompt: no topic was recognised in these Korean words, and SDXL reads only English; "
+                              "name one of the topics, or ask for the assistant (assist: true; the CLI's --assist). "
+                              f"Topics: {topics}")
+            return "; ".join(f"{self.registry[s].prompt}, {self.registry[s].description}" for s in route.slugs)
+        if route.slug is None:
             return words
-        kw, have = self.registry[slug], normalize(words)
+        kw, have = self.registry[route.slug], normalize(words)
         if normalize(kw.keyword) in have and normalize(kw.class_token) in have:
             return words
         return f"{kw.prompt}, {words}"

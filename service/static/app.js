@@ -22,6 +22,7 @@ const TEXT = {
       busy: "지금은 그림을 그리는 분이 많아요. 잠시 후에 다시 눌러 주세요.",
       timeout: "그림이 너무 오래 걸리고 있어요. 잠시 후에 다시 눌러 주세요.",
       input: "적어 주신 글을 그림으로 만들 수 없었어요. 글을 조금 바꿔서 다시 해 주세요.",
+      notopic: "어떤 주제인지 알아듣지 못했어요. 아래 주제 가운데 하나를 눌러 주세요.",
       auth: "접속 열쇠가 필요해요. 위 칸에 열쇠를 넣고 확인을 눌러 주세요.",
       failed: "그림을 만들지 못했어요. 잠시 후에 다시 해 주세요.",
     },
@@ -49,6 +50,7 @@ const TEXT = {
       busy: "Many pictures are being drawn right now. Please try again in a moment.",
       timeout: "The picture is taking too long. Please try again in a moment.",
       input: "This text could not be turned into a picture. Please change it a little and try again.",
+      notopic: "I could not tell which topic this is. Please tap one of the topics below.",
       auth: "An access key is needed. Enter it in the box above and press OK.",
       failed: "The picture could not be made. Please try again in a moment.",
     },
@@ -59,6 +61,7 @@ const $ = (id) => document.getElementById(id);
 let lang = sessionStorage.getItem("tipsen-lang") === "en" ? "en" : "ko";
 let keywords = [];
 let route = null;
+const NO_TOPIC = "prompt: no topic was recognised";  // the service's words for Korean it cannot draw
 let chosen = null;  // a keyword the senior confirmed by its chip when the hint asked; sent as `keyword`
 let lastPrompt = "";
 let working = false;
@@ -104,7 +107,10 @@ async function call(path, { method = "GET", body, timeout = 15000, askKey = true
   }
   if (resp.status === 429 || resp.status === 503) throw new Problem("busy");
   if (resp.status === 504) throw new Problem("timeout");
-  if (resp.status >= 400 && resp.status < 500) throw new Problem("input");
+  if (resp.status >= 400 && resp.status < 500) {
+    const error = await resp.json().then((b) => String(b.error || ""), () => "");
+    throw new Problem(error.startsWith(NO_TOPIC) ? "notopic" : "input");
+  }
   if (!resp.ok) throw new Problem("failed");
   try { return await resp.json(); } catch { throw new Problem("failed"); }
 }
