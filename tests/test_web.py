@@ -175,10 +175,16 @@ def test_keyboard_only_reaches_the_box_submits_and_saves(page, tmp_path):
     assert Image.open(saved).size == (SIZE, SIZE)
 
 
+def generate_bodies(page) -> list:
+    """The bodies the page posts to /generate from now on, as they are sent."""
+    sent: list = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/generate") else None)
+    return sent
+
+
 def test_an_unsure_route_asks_and_the_chip_confirms(page):
     """차례 is a rite or a turn: the page asks, the senior confirms with the chip, and it is drawn as asked."""
-    sent = []
-    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/generate") else None)
+    sent = generate_bodies(page)
     page.fill("#prompt", "차례")
     page.wait_for_function("() => document.getElementById('route').textContent.includes('그릴까요')")
     assert page.inner_text("#route") == "차례를 그릴까요? 그렇다면 아래 '차례'를 눌러 주세요."
@@ -210,13 +216,12 @@ def test_korean_with_no_topic_is_a_korean_sentence(page):
 
 
 def test_empty_prompt_is_a_korean_sentence(page):
-    requests = []
-    page.on("request", lambda r: requests.append(r.url) if r.url.endswith("/generate") else None)
+    sent = generate_bodies(page)
     page.fill("#prompt", "   ")
     page.click("#make")
     assert page.inner_text("#error") == "떠올리고 싶은 장면을 먼저 적어 주세요."
     assert page.evaluate("document.activeElement.id") == "prompt"
-    assert requests == []
+    assert sent == []
 
 
 # The server's overload and failures are simulated in the browser (Playwright answers /generate itself): really
