@@ -51,6 +51,11 @@ def is_internal(scope) -> bool:
     return got is not None and hmac.compare_digest(got, INTERNAL_TOKEN.encode())
 
 
+def is_page(path: str) -> bool:
+    """The web page and its files: they load without the key (the page asks for it) and carry the CSP."""
+    return path in PAGE_PATHS or path.startswith(PAGE_PREFIX)
+
+
 def host_name(host: bytes) -> str:
     """The name of a Host header: 'example.org:3000' -> 'example.org', '[::1]:3000' -> '::1'."""
     text = host.decode("latin-1").strip().lower()
@@ -99,7 +104,7 @@ class Guard:
         path = scope["path"]
         if is_internal(scope):  # the service's own call to its batch API: its outer request holds the slots
             return await self.app(scope, receive, send)
-        send = self._with_headers(send, page=path in PAGE_PATHS or path.startswith(PAGE_PREFIX))
+        send = self._with_headers(send, page=is_page(path))
         if path in HEALTH_PATHS:  # probes come by pod IP or any name, and are never limited
             return await self.app(scope, receive, send)
         if (refused := self._refusal(scope)) is not None:
@@ -127,8 +132,7 @@ class Guard:
                          "service.allowed_hosts (localhost and IP addresses are always answered)"), []
         if scope["path"] in self.private:
             return 404, "Not Found", []
-        open_path = scope["path"] in PAGE_PATHS or scope["path"].startswith(PAGE_PREFIX)
-        if self.expected and not open_path:
+        if self.expected and not is_page(scope["path"]):
             scheme, _, token = (_header(scope, b"authorization") or b"").partition(b" ")
             # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(b" "), self.expected):

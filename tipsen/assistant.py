@@ -16,12 +16,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tipsen.assistant_backends import (HANGUL, PHOTO_OF, PREFIX, OpenAIBackend, Reply, TemplateBackend,
+from tipsen.assistant_backends import (PHOTO_OF, PREFIX, OpenAIBackend, Reply, TemplateBackend,
                                        TransformersBackend, foreign_char, trim_words)
 from tipsen.config import SEED_MAX, AssistantParams, Params, draw_seed, load_params
 from tipsen.errors import ConfigError
 from tipsen.privacy import shown
 from tipsen.registry import Keyword, Registry
+from tipsen.routing import HANGUL
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "A realistic photo of"
 PHOTO_OF = re.compile(r"^\s*(?:an?\s+)?(?:realistic\s+)?(?:photo(?:graph)?|picture|image)\s+of\s+", re.I)
-HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff]")
 CLAUSE_END = ",;:.!?"
 DANGLING = {"and", "with", "of", "the", "a", "an", "in", "on", "at", "for", "to", "while", "as", "by", "from"}
 

@@ -13,10 +13,6 @@ def log_prompts(on: bool) -> None:
     _SHOW = bool(on)
 
 
-def logging_prompts() -> bool:
-    return _SHOW
-
-
 def shown(text: str | None, limit: int = 80) -> str:
     """`text` for a log line: its repr (cut at `limit`) when prompts may be logged, else only its length."""
     if text is None:

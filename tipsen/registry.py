@@ -139,7 +139,7 @@ class Registry:
         if explicit:
             self.get(explicit, allowed=allowed)
             return Route(explicit, explicit, "explicit", 1.0, (explicit,))
-        parsed = routing.Text.of(text)
+        parsed = routing.Text(text)
         found = [c for slug, (names, words, context, exclude, ambiguous) in self._patterns.items()
                  if allowed is None or slug in allowed
                  if (c := routing.score(parsed, slug, names, words, context, exclude, ambiguous)) is not None]

@@ -27,7 +27,7 @@ WORD, WORDS_MAX, CONTEXT = 0.5, 0.8, 0.2
 PLACES = ("역", "시장", "식당", "횟집", "다방", "아파트", "학교", "대학교", "은행", "호텔", "경찰서", "병원", "대교", "터미널")
 MAX_CHARS = 4000  # the analysis reads this much of a text; the service caps prompts at 1000 characters anyway
 ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
-HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7a3]")
+HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff]")  # syllables and jamo
 LATIN_WORD = re.compile(r"[a-z0-9]+")
 NOT_CONTENT = ("J", "E", "S", "VCP", "VCN")  # particles, endings, punctuation, the copula: what a name may drop
 _lock = threading.Lock()
@@ -144,10 +144,6 @@ class Text:
                     self.prefixes.setdefault(x.surface[:k], []).append((i, i))
         self.latin = _index([(w, i, True) for i, w in enumerate(LATIN_WORD.findall(text))], 4 * n)
 
-    @classmethod
-    def of(cls, raw: str) -> "Text":
-        return cls(raw)
-
     def find(self, p: Pattern, *, exclusion: bool = False, compound: bool = False) -> list[tuple[int, int]]:
         """Where `p` occurs: morpheme (or, for Latin, word) index ranges. `compound`: also as the first part of a
         compound common noun (a name: 연탄재 holds 연탄)."""
@@ -198,8 +194,7 @@ def score(text: Text, slug: str, names: list[Pattern], words: list[Pattern], con
         return all(not _overlaps(r, t) or r[1] - r[0] > t[1] - t[0] for t in taken)
 
     confirm = [p for p in context if any(own(r) for r in text.find(p))]
-    seen = [(p, r) for p in words for r in text.find(p) if own(r)][:len(words)]
-    seen = list({p.text: (p, r) for p, r in reversed(seen)}.values())  # each word once, at its first place
+    seen = [(p, rs[0]) for p in words if (rs := [r for r in text.find(p) if own(r)])]  # each word once, first place
     if hits:  # an everyday word confirms an ambiguous name as a context word does ("제기 차다")
         sure = bool(confirm) or bool(seen) or any(p.text not in ambiguous for p, _ in hits)
         evidence = [p.text for p, _ in hits] + [p.text for p, _ in seen] + [p.text for p in confirm]
