@@ -1,7 +1,9 @@
-"""Keyword routing: accuracy per category on tests/data/routing.jsonl, the confusions, and the cost per sentence.
+"""Keyword routing: accuracy per category on the routing data sets, the confusions, and the cost per sentence.
 
 `python -m benchmarks.routing [--smoke]`. Accuracy is exact (tipsen.routing.correct): the expected main keyword is
-drawn and exactly the expected keywords are recognised; for a sentence about none of them, none is drawn.
+drawn and exactly the expected keywords are recognised; for a sentence about none of them, none is drawn. The sets
+are tests/data/routing.jsonl (the development set), routing_heldout.jsonl and routing_unseen.jsonl (each written
+blind to the rules and scored once before any rule was changed for it; see BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from benchmarks.common import summarize, table, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "tests" / "data" / "routing.jsonl"
+SETS = {name: ROOT / "tests" / "data" / f"{name}.jsonl" for name in ("routing", "routing_heldout", "routing_unseen")}
 
 
 def main() -> None:
@@ -23,28 +25,32 @@ def main() -> None:
     from tipsen import routing
     from tipsen.registry import Registry
 
-    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    sets = {name: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            for name, path in SETS.items()}
+    if args.smoke:
+        sets = {name: rows[:20] for name, rows in sets.items()}
     t = time.perf_counter()
     registry = Registry.load()
     registry.route("김장")  # the analyser and every keyword's patterns
     startup = time.perf_counter() - t
-    report = routing.evaluate(registry, rows[:20] if args.smoke else rows)
+    reports = {name: routing.evaluate(registry, rows) for name, rows in sets.items()}
     per = []
-    for row in rows[:20] if args.smoke else rows:
+    for row in (row for rows in sets.values() for row in rows):
         t = time.perf_counter()
         registry.route(row["text"])
         per.append((time.perf_counter() - t) * 1000)
     cost = summarize(per)
-    print(table([{"category": c, "sentences": report["counts"][c], "accuracy": a}
-                 for c, a in report["accuracy"].items()]))
-    print(f"overall {report['overall']:.3f}; per sentence median {cost['median']:.2f} ms, max {cost['max']:.2f} ms; "
-          f"start-up {startup:.1f} s")
-    for miss in report["misses"]:
-        print("  miss:", json.dumps(miss, ensure_ascii=False))
+    for name, report in reports.items():
+        print(f"{name}: overall {report['overall']:.3f}")
+        print(table([{"category": c, "sentences": report["counts"][c], "accuracy": a}
+                     for c, a in report["accuracy"].items()]))
+        for miss in report["misses"]:
+            print("  miss:", json.dumps(miss, ensure_ascii=False))
+    print(f"per sentence median {cost['median']:.2f} ms, max {cost['max']:.2f} ms; start-up {startup:.1f} s")
     out = write_result("routing" + ("-smoke" if args.smoke else ""),
-                       {**report, "ms_per_sentence": cost, "startup_s": startup},
-                       params={"data": str(DATA.relative_to(ROOT)), "sentences": len(per),
-                               "route": routing.ROUTE, "ask": routing.ASK})
+                       {**reports["routing"], "sets": reports, "ms_per_sentence": cost, "startup_s": startup},
+                       params={"data": {n: str(p.relative_to(ROOT)) for n, p in SETS.items()}, "sentences": len(per),
+                               "route": routing.ROUTE, "ask": routing.ASK, "sure": routing.SURE})
     print(f"wrote {out}")
 
 

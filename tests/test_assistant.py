@@ -371,3 +371,124 @@ def test_openai_base_url_must_be_http(registry, monkeypatch):
     monkeypatch.setenv("TIPSEN_LLM_BASE_URL", "file:///etc/passwd")
     with pytest.raises(ConfigError, match="TIPSEN_LLM_BASE_URL"):
         assistant(registry, backend="openai")
+
+
+# ---------------------------------------------------------------- the LLM settles an unsure route
+
+
+def _choice_server(letter: str):
+    """A chat-completions step that answers a constrained choice (max_tokens 4) with `letter`, and a prompt
+    request with a valid prompt for the keyword it names."""
+    def answer(body):
+        if body["max_tokens"] == 4:
+            return 200, letter, 0
+        phrase = re.search(r'Keyword and class: "([^"]+)"', body["messages"][-1]["content"])
+        return 200, f"A realistic photo of {phrase.group(1) if phrase else 'a honey cookie'}, soft light.", 0
+    return answer
+
+
+def test_openai_settles_an_unsure_route_as_a_constrained_choice(openai, endpoint, registry):
+    rule = registry.route("꿀과자를 먹었어요")  # one everyday word and a context word: routed, but unsure
+    assert (rule.slug, rule.source, rule.unsure) == ("yakgwa", "words", True)
+    endpoint.script = [_choice_server("A")]
+    (route,) = openai.settle(["꿀과자를 먹었어요"], [rule])
+    assert (route.slug, route.source, route.confidence, route.evidence) == ("yakgwa", "llm", 0.7, rule.evidence)
+    assert route.settled == {"by": "openai", "candidates": ["yakgwa"], "choice": "yakgwa", "probability": None,
+                             "rule": "yakgwa", "error": None}
+    body = endpoint.requests[0]["body"]
+    assert (body["temperature"], body["max_tokens"]) == (0.0, 4)  # greedy: a choice, not a sample
+    assert "answer with the letter" in body["messages"][0]["content"]
+    assert body["messages"][1]["content"] == ('Memory: "꿀과자를 먹었어요"\nOptions:\nA. Yakgwa (약과): '
+                                              f'{registry["yakgwa"].description}\nB. none of these')
+    endpoint.requests.clear()
+    endpoint.script = [_choice_server("(B) none of these")]
+    (none,) = openai.settle(["꿀과자를 먹었어요"], [rule])
+    assert (none.slug, none.source, none.also, none.ask, none.settled["choice"]) == (None, "llm", (), (), None)
+
+
+def test_only_unsure_routes_are_settled(openai, endpoint, registry):
+    texts = ["약과를 먹었어요", "어릴 적 바닷가", "꿀과자를 먹었어요", "약식"]
+    routes = [registry.route(t) for t in texts]
+    routes[0] = registry.route("약과", explicit="yakgwa")
+    asked = registry.route("약식")  # an ambiguous name alone: only asked about
+    assert (asked.slug, asked.ask, asked.unsure, asked.candidates) == (None, ("yaksik",), True, ("yaksik",))
+    endpoint.script = [_choice_server("A"), _choice_server("A")]
+    out = openai.settle(texts, routes)
+    assert len(endpoint.requests) == 2  # the explicit and the keyword-less routes cost no request
+    assert out[0] is routes[0] and out[1] is routes[1]
+    assert [(r.slug, r.source) for r in out[2:]] == [("yakgwa", "llm"), ("yaksik", "llm")]
+    assert out[3].confidence == 0.5 and not out[3].unsure  # confirmed: routed at ROUTE, and not settled twice
+
+
+def test_a_failed_choice_keeps_the_rules_route_and_says_why(openai, endpoint, registry, caplog):
+    rule = registry.route("꿀과자를 먹었어요")
+    endpoint.script = [_choice_server("Z")]
+    with caplog.at_level(logging.WARNING, logger="tipsen.assistant"):
+        (route,) = openai.settle(["꿀과자를 먹었어요"], [rule])
+    assert (route.slug, route.source) == ("yakgwa", "words")
+    assert route.settled["error"] == "answer 'Z' names none of the options AB"
+    assert "the rules' route stands" in caplog.text and "꿀과자" not in caplog.text  # the words stay private
+    endpoint.script = [(500, "down", 0)] * 2
+    (down,) = openai.settle(["꿀과자를 먹었어요"], [rule])
+    assert down.slug == "yakgwa" and down.settled["error"] == "HTTP 500 after 2 requests"
+
+
+def test_the_template_backend_keeps_the_rules_route(registry):
+    a = assistant(registry, backend="template")
+    rule = registry.route("약식")
+    assert a.settle(["약식"], [rule]) == [rule]
+    r = a.refine("약식", seed=0)  # routed here: the rules' route, recorded
+    assert r.keyword is None and r.route["source"] == "none" and r.route["ask"] == ["yaksik"]
+
+
+def test_refine_routes_and_settles_when_no_keyword_is_given(openai, endpoint):
+    endpoint.script = [_choice_server("A"), _choice_server("A")]
+    r = openai.refine("약식", seed=3)
+    assert r.keyword == "yaksik" and r.route["source"] == "llm" and r.backend == "openai"
+    assert "Yaksik Food" in r.prompt
+    endpoint.requests.clear()
+    endpoint.script = [_choice_server("A")]
+    assert openai.refine("약식", keyword="yaksik", seed=3).route is None  # given: not routed, no choice asked
+    assert [req["body"]["max_tokens"] for req in endpoint.requests] == [80]
+
+
+def test_transformers_choice_is_one_forward_pass_and_the_same_in_any_batch(llm_assistant, registry, monkeypatch):
+    model, _ = llm_assistant.llm.load()
+    calls = []
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(k))  # a choice must not sample
+    texts = ["약식", "꿀과자를 먹었어요 제사상에 올리던"]
+    routes = [registry.route(t) for t in texts]
+    assert all(r.unsure for r in routes) and len(routes[1].candidates) >= 1
+    both = llm_assistant.settle(texts, routes)
+    alone = [llm_assistant.settle([t], [r])[0] for t, r in zip(texts, routes)]
+    assert calls == []
+    for b, a, r in zip(both, alone, routes):
+        assert b.source == "llm" and b.settled["by"] == "transformers" and b.settled["error"] is None
+        assert b.slug in (*r.candidates, None) and b.slug == a.slug  # left padding changes nothing
+        assert 0 < b.settled["probability"] <= 1
+        assert abs(b.settled["probability"] - a.settled["probability"]) < 1e-3
+
+
+def test_the_generator_draws_the_settled_route(openai, endpoint, registry, demo_params, tmp_path):
+    from tipsen.generate import Generator
+    from tipsen.testing import random_bank
+
+    gen = Generator(demo_params, bank=random_bank(tmp_path, ["yakgwa"], registry=registry), assistant=openai,
+                    registry=registry)
+    req = {"prompt": "꿀과자를 먹었어요", "seed": 1, "steps": 2, "assist": True}
+    ruled = gen.resolve(req, refine=False)
+    assert ruled.adapter == "yakgwa" and ruled.route.source == "words"
+    endpoint.script = [_choice_server("B"), _choice_server("B")]  # the LLM: none of these
+    plan = gen.resolve(req)
+    assert (plan.adapter, plan.route.source, plan.route.slug, plan.refined["keyword"]) == (None, "llm", None, None)
+    assert plan.prompt.startswith("A realistic photo of") and "Yakgwa" not in plan.prompt
+    endpoint.script = [_choice_server("A"), _choice_server("A")]
+    out = gen.generate({**req, "prompt": "약식"})  # only asked about by the rules; yaksik has no adapter here
+    meta = out.metadata
+    assert (meta["keyword"], meta["adapter"], meta["route"]["source"]) == ("yaksik", None, "llm")
+    assert any(w.startswith("no LoRA for yaksik") for w in meta["warnings"])
+    assert not any(w.startswith("perhaps") for w in meta["warnings"])
+    endpoint.script = [(500, "down", 0)] * 2 + [_choice_server("A")]
+    failed = gen.resolve(req)
+    assert failed.adapter == "yakgwa" and failed.route.source == "words"
+    assert any("not settled by openai (HTTP 500 after 2 requests)" in w for w in failed.warnings)

@@ -67,7 +67,8 @@ def test_routing(gen):
     explicit = gen.route("어릴 적 김장하던 날", keyword="yakgwa")
     assert (explicit.slug, explicit.source) == ("yakgwa", "explicit")
     assert gen.route("a quiet morning by the sea").as_dict() == {
-        "slug": None, "matched": None, "source": "none", "confidence": 0.0, "evidence": [], "also": [], "ask": []}
+        "slug": None, "matched": None, "source": "none", "confidence": 0.0, "evidence": [], "also": [], "ask": [],
+        "settled": None}
     plan = gen.resolve({"prompt": "김장 하던 날, 세종대왕 동상 앞에서", "assist": False})
     assert plan.route.slug == "gimjang" and "also recognised: sejong; only gimjang is drawn" in plan.warnings
 
@@ -79,7 +80,7 @@ def test_routed_prompt_and_metadata(gen):
     meta = routed.metadata
     assert meta["keyword"] == meta["adapter"] == "gimjang"
     assert meta["route"] == {"slug": "gimjang", "matched": "김장", "source": "alias", "confidence": 1.0,
-                             "evidence": ["김장"], "also": [], "ask": []}  # the name, on morphemes: 김장 + 하 + 던
+                             "evidence": ["김장"], "also": [], "ask": [], "settled": None}  # 김장 + 하 + 던
     # SDXL reads English only: the template and the keyword's description; the senior's words stay in `input`
     assert meta["prompt"] == "A photo of Gimjang Tradition, families making large batches of kimchi together in " \
                              "late autumn" and meta["input"] == "어릴 적 김장하던 날"
@@ -352,7 +353,7 @@ def test_fused_lora_matches_unfused_and_unfuses_on_switch(demo_params, lora_root
 def test_assistant_prompt_is_used(demo_params, gen, monkeypatch):
     from pydantic import BaseModel
 
-    # A stand-in for tipsen.assistant (built separately); only its refine_batch() contract matters here.
+    # A stand-in for tipsen.assistant (built separately); only its settle() and refine_batch() contract matters.
     class Refined(BaseModel):
         prompt: str
         backend: str = "stub"
@@ -360,8 +361,11 @@ def test_assistant_prompt_is_used(demo_params, gen, monkeypatch):
     calls = []
 
     class Stub:
+        def settle(self, texts, routes):
+            return routes
+
         def refine_batch(self, prompts, keywords=None, seeds=None):
-            calls.extend(zip(prompts, keywords, seeds))
+            calls.extend(zip(prompts, [k.slug for k in keywords], seeds))
             return [Refined(prompt="A photo of Gimjang Tradition, grandmothers salting cabbages") for _ in prompts]
 
     monkeypatch.setattr(gen, "assistant", Stub())

@@ -9,35 +9,43 @@ import pytest
 
 from tipsen import routing
 
-DATA = Path(__file__).resolve().parent / "data" / "routing.jsonl"
-# Floors per category of tests/data/routing.jsonl: a drop below one is a regression. The targets the router is built
-# for: names with particles and endings 98%, everyday-sense homonyms and no-keyword sentences 95% routed to nothing,
-# descriptions without the name 60%. Measured figures are in BENCHMARKS.md (python -m benchmarks.routing).
-FLOORS = {"name_inflected": 0.98, "compound": 0.95, "description": 0.75, "homonym_everyday": 0.95,
+DATA = Path(__file__).resolve().parent / "data"
+# The development set, and two sets each written blind to the rules by someone who saw only the keywords' names and
+# descriptions (scored once before any rule changed for them: BENCHMARKS.md has those first figures).
+SETS = {"routing": 150, "routing_heldout": 150, "routing_unseen": 120}  # name: its least number of sentences
+# Floors per category: a drop below one is a regression. The targets the router is built for: names with particles
+# and endings 98%, everyday-sense homonyms and no-keyword sentences 95% routed to nothing, descriptions without the
+# name 60%. Measured figures are in BENCHMARKS.md (python -m benchmarks.routing).
+FLOORS = {"name_inflected": 0.98, "compound": 0.95, "description": 0.9, "homonym_everyday": 0.95,
           "place_person_name": 0.9, "no_keyword": 0.95, "english": 0.95, "two_keywords": 0.9, "noisy": 0.95}
 
 
-@pytest.fixture(scope="module")
-def rows() -> list[dict]:
-    return [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+def load(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
-def test_the_data_set_is_well_formed(rows, registry):
-    assert len(rows) >= 150
-    assert {r["category"] for r in rows} == set(FLOORS)
+@pytest.mark.parametrize("name", SETS)
+def test_the_data_sets_are_well_formed(name, registry):
+    rows = load(name)
+    assert len(rows) >= SETS[name] and len({r["text"] for r in rows}) == len(rows)
+    assert {r["category"] for r in rows} <= set(FLOORS) and {"name_inflected", "homonym_everyday"} <= \
+        {r["category"] for r in rows}
     for r in rows:
         assert set(r) == {"text", "expect", "category"} and r["text"].strip()
         assert set(r["expect"]) <= set(registry.keywords), r
 
 
-def test_routing_accuracy_per_category_holds(rows, registry):
-    report = routing.evaluate(registry, rows)
+@pytest.mark.parametrize("name", SETS)
+def test_routing_accuracy_per_category_holds(name, registry):
+    report = routing.evaluate(registry, load(name))
     below = {c: (a, FLOORS[c]) for c, a in report["accuracy"].items() if a < FLOORS[c]}
     assert not below, (below, [m for m in report["misses"] if m["category"] in below])
 
 
 @pytest.mark.parametrize("text", ["문제를 제기했어요", "차례대로 줄을 섰어요", "약식으로 처리했어요", "세종시에 살아요",
-                                  "서류와 씨름했어요", "chanok", "lunch with Chanok and the chanoks"])
+                                  "서류와 씨름했어요", "chanok", "lunch with Chanok and the chanoks",
+                                  "명찰을 달고나서야 들어갔지"])  # 달- 고 나서-: a name never ends on a verb stem
 def test_an_everyday_word_is_not_a_keyword(registry, text):
     assert registry.route(text).slug is None
 
@@ -52,6 +60,13 @@ def test_an_everyday_word_is_not_a_keyword(registry, text):
 def test_names_route_through_particles_endings_and_plurals(registry, text, slug):
     route = registry.route(text)
     assert route.slug == slug and route.source == "alias" and route.confidence == 1.0, route
+
+
+def test_a_second_keyword_needs_more_than_one_everyday_word(registry):
+    # 제사상 is one of charye's everyday words, but here it is where the 약과 went: charye is only asked about
+    route = registry.route("조청 발라 기름에 지진 꽃 모양 과자, 제사상에 올리던 거")
+    assert (route.slug, route.also, route.ask) == ("yakgwa", (), ("charye",))
+    assert route.source == "words" and not route.unsure
 
 
 def test_two_keywords_keep_both_in_text_order(registry):
@@ -76,3 +91,16 @@ def test_nfc_and_nfd_route_alike(registry):
     for text in ("할머니가 약과를 만들어 주셨지요", "설날에 한복 입고 세배했어요", "문제를 제기했어요"):
         nfd = unicodedata.normalize("NFD", text)
         assert nfd != text and registry.route(nfd).as_dict() == registry.route(text).as_dict()
+
+
+def test_a_name_the_analyser_reads_as_a_verb_is_taught_as_a_noun(registry):
+    # Without teaching, the analyser reads 달고나를 as 달- 고 나르- ㄹ ("carry"), and the name is lost.
+    assert registry.route("달고나를 연탄불에 녹여 먹었잖아").slugs == ("dalgona", "yeontan")
+    assert [m.surface for m in routing.analyse("달고나를")][:2] == ["달고나", "를"]  # taught by the registry
+
+
+def test_an_ambiguous_name_is_sure_inside_a_compound_or_with_a_context_word(registry):
+    bare = registry.route("손주 목욕시키느라 한바탕 씨름을 했지")  # "struggled": only asked about
+    assert (bare.slug, bare.ask, bare.unsure) == (None, ("ssireum",), True)
+    assert registry.route("단오날 씨름판이 크게 벌어졌지").slug == "ssireum"  # 씨름판 holds 씨름, 단오날 holds 단오
+    assert registry.route("아버지는 동네에서 씨름을 제일 잘하셨어요").slug == "ssireum"

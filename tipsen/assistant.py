@@ -16,12 +16,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tipsen.assistant_backends import (PHOTO_OF, PREFIX, OpenAIBackend, Reply, TemplateBackend,
+from tipsen.assistant_backends import (LETTERS, PHOTO_OF, PREFIX, OpenAIBackend, Reply, TemplateBackend,
                                        TransformersBackend, foreign_char, trim_words)
 from tipsen.config import SEED_MAX, AssistantParams, Params, draw_seed, load_params
 from tipsen.errors import ConfigError
 from tipsen.privacy import shown
-from tipsen.registry import Keyword, Registry
+from tipsen.registry import Keyword, Registry, Route
 from tipsen.routing import HANGUL
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ Rules:
 - Use natural language that models can easily understand.
 - Use at most {max_words} words.
 Answer with the prompt only, on one line, without quotes or labels."""
+CHOOSE = """You sort a senior's memory into the topics of a picture tool. Read the memory and the options, and \
+answer with the letter of the topic the memory is about. If the memory is about none of these topics (a word in it \
+may only look like a topic's name), answer with the letter of "none of these". Answer with the letter only."""
 LABEL = re.compile(r"^(?:[*#>\s]*)(?:here(?:'s| is)\s+(?:the|a|your)\s+)?(?:refined|improved|final|new|image)?\s*"
                    r"(?:prompt|description|output|answer)\s*\**\s*[:\-\u2013]\s*\**\s*", re.I)
 CHATTER = re.compile(r"^(?:sure|here|okay|ok|certainly|of course|i hope|note|let me|this prompt)\b", re.I)
@@ -47,6 +50,7 @@ class Refinement(BaseModel):
     prompt: str  # the refined English prompt
     original: str
     keyword: str | None  # the routed slug
+    route: dict | None = None  # how the keyword was routed here (None: given by the caller)
     backend: Literal["template", "transformers", "openai"]  # the backend that produced `prompt`
     attempts: int  # requests to the configured backend, retries included (1 for the template)
     fallback_reason: str | None = None
@@ -146,24 +150,61 @@ class Assistant:
                      {"role": "assistant", "content": self.template.compose(ex.prompt, ex, 0)}]
         return msgs + [{"role": "user", "content": self._ask(text, kw)}]
 
+    def choice_messages(self, text: str, slugs: tuple[str, ...]) -> list[dict]:
+        """The chat for a constrained choice: the memory, then each candidate topic and "none" as a lettered option."""
+        options = [f"{LETTERS[i]}. {k.keyword} ({k.ko}): {k.description}"
+                   for i, k in enumerate(self.registry[s] for s in slugs)]
+        options.append(f"{LETTERS[len(slugs)]}. none of these")
+        return [{"role": "system", "content": CHOOSE},
+                {"role": "user", "content": f'Memory: "{text}"\nOptions:\n' + "\n".join(options)}]
+
+    def settle(self, texts: list[str], routes: list[Route]) -> list[Route]:
+        """Each unsure route (`Route.unsure`) settled by the LLM as a constrained choice among its candidates or
+        none, recorded as `source: llm`; the rest as they are. Without an LLM (the template backend) every route
+        stays the rules'. A choice that fails keeps the rules' route, with the reason in `route.settled`."""
+        todo = [i for i, r in enumerate(routes) if r.unsure and len(r.candidates) < len(LETTERS)]
+        out = list(routes)
+        if self.llm is None or not todo:
+            return out
+        cands = [routes[i].candidates for i in todo]
+        picks = self.llm.choose([self.choice_messages(texts[i].strip(), c) for i, c in zip(todo, cands)],
+                                [len(c) + 1 for c in cands])
+        for i, c, pick in zip(todo, cands, picks):
+            if pick.index is None:
+                out[i] = routes[i].unsettled(by=self.llm.name, error=pick.error or "no choice")
+                log.warning("assistant %s could not settle the route of %s: %s; the rules' route stands",
+                            self.llm.name, shown(texts[i], 40), out[i].settled["error"])
+            else:
+                out[i] = routes[i].settle(c[pick.index] if pick.index < len(c) else None, by=self.llm.name,
+                                          probability=pick.probability)
+        return out
+
+    def route(self, texts: list[str]) -> list[Route]:
+        """The rules' route of each text, the unsure ones settled by the LLM."""
+        return self.settle(texts, [self.registry.route(t) for t in texts])
+
     def refine(self, prompt: str, *, keyword: str | None = None, seed: int | None = None) -> Refinement:
         """One prompt; `keyword` is a slug (routed from the prompt when None), `seed` random when None."""
         return self.refine_batch([prompt], keywords=[keyword], seeds=[seed])[0]
 
-    def refine_batch(self, prompts: list[str], *, keywords: list[str | None] | None = None,
+    def refine_batch(self, prompts: list[str], *, keywords: list[str | Route | None] | None = None,
                      seeds: list[int | None] | None = None) -> list[Refinement]:
-        """One Refinement per prompt, in order; the LLM sees the pending prompts as one batch per attempt."""
+        """One Refinement per prompt, in order; the LLM sees the pending prompts as one batch per attempt.
+        A keyword is a slug, a Route already taken (its slug, None for none), or None: routed here (`route`)."""
         n, t0 = len(prompts), time.perf_counter()
         keywords, seeds = keywords or [None] * n, seeds or [None] * n
         if len(keywords) != n or len(seeds) != n:
             raise ValueError(f"refine_batch: {n} prompts but {len(keywords)} keywords and {len(seeds)} seeds")
-        kws, used = [], []
-        for text, slug, seed in zip(prompts, keywords, seeds):
+        for text, seed in zip(prompts, seeds):
             if not isinstance(text, str) or not text.strip():
                 raise ConfigError("prompt: must be a non-empty string")
             if seed is not None and not 0 <= seed <= SEED_MAX:
                 raise ConfigError(f"seed: {seed} is out of range; allowed: 0 to {SEED_MAX}")
-            slug = slug or self.registry.route(text).slug
+        todo = [i for i, k in enumerate(keywords) if k is None]
+        routes: dict[int, Route] = dict(zip(todo, self.route([prompts[i] for i in todo])))
+        kws, used = [], []
+        for i, (slug, seed) in enumerate(zip(keywords, seeds)):
+            slug = routes[i].slug if i in routes else slug.slug if isinstance(slug, Route) else slug
             kws.append(self.registry.get(slug, field="keyword") if slug else None)
             used.append(draw_seed() if seed is None else seed)  # recorded: reproducible
         out: list[Refinement | None] = [None] * n
@@ -171,7 +212,8 @@ class Assistant:
 
         def done(i: int, prompt: str, backend: str, reason: str | None = None) -> None:
             out[i] = Refinement(prompt=prompt, original=prompts[i], keyword=kws[i].slug if kws[i] else None,
-                                backend=backend, attempts=attempts[i] or 1, fallback_reason=reason,
+                                route=routes[i].as_dict() if i in routes else None, backend=backend,
+                                attempts=attempts[i] or 1, fallback_reason=reason,
                                 latency_s=round(time.perf_counter() - t0, 4), seed=used[i])
 
         for k in range(self.cfg.attempts if self.llm else 0):

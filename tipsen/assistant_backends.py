@@ -166,6 +166,26 @@ class Reply:
     error: str | None = None  # set when no answer came back; no further attempt is made
 
 
+LETTERS = "ABCDEFGH"  # option labels of a constrained choice: one token each in Llama 3's vocabulary
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The model's pick among labelled options: `index` into them, or None with the `error` that prevented it."""
+
+    index: int | None
+    probability: float | None = None  # the model's probability of its pick, where the backend can measure it
+    error: str | None = None
+
+
+def parse_choice(text: str | None, n: int) -> Choice:
+    """An answer naming one of the first `n` option letters ("B", "B.", "(B) none of these"), else an error."""
+    m = re.match(r"^\W*([A-Z])(?![A-Za-z])", text or "")
+    if m and m.group(1) in LETTERS[:n]:
+        return Choice(LETTERS.index(m.group(1)))
+    return Choice(None, error=f"answer {(text or '').strip()[:40]!r} names none of the options {LETTERS[:n]}")
+
+
 class TransformersBackend:
     """A local causal LM: chat template, sampling with per-prompt seeds, batched with left padding."""
 
@@ -210,14 +230,44 @@ class TransformersBackend:
             return [Reply(None, 1, reason) for _ in conversations]
         return [Reply(t, 1) for t in texts]
 
+    def choose(self, conversations: list[list[dict]], sizes: list[int]) -> list[Choice]:
+        """A constrained choice for each conversation: the option letter (of its first `sizes[i]`) that the model
+        finds likeliest as the first token of its answer. One forward pass, no sampling, so always a valid pick."""
+        import torch
+
+        try:
+            self.load()
+            model, tok = self.model, self.tokenizer
+            ids = [tok.encode(letter, add_special_tokens=False) for letter in LETTERS[:max(sizes)]]
+            if any(len(i) != 1 for i in ids):
+                raise RuntimeError(f"the tokenizer splits the option letters {LETTERS[:max(sizes)]}")
+            picks = []
+            for k in range(0, len(conversations), self.cfg.batch_size):
+                enc = self._encode(conversations[k:k + self.cfg.batch_size])
+                with torch.inference_mode():
+                    last = model(**enc).logits[:, -1, :].float()  # left padding: every row ends at the answer
+                for row, n in zip(last, sizes[k:k + self.cfg.batch_size]):
+                    probs = torch.softmax(row[[i[0] for i in ids[:n]]], dim=-1)
+                    picks.append(Choice(int(probs.argmax()), round(float(probs.max()), 4)))
+            return picks
+        except (OSError, RuntimeError) as exc:
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
+            if exc is not self._load_error:
+                log.warning("transformers choice failed: %s", reason, exc_info=True)
+            return [Choice(None, error=reason) for _ in conversations]
+
+    def _encode(self, conversations: list[list[dict]]):
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+        # The chat template already holds the BOS token.
+        return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+
     def _batch(self, conversations: list[list[dict]], seeds: list[int]) -> list[str]:
         import torch
         from transformers import LogitsProcessorList
 
         model, tok = self.model, self.tokenizer
-        texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-        # The chat template already holds the BOS token.
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = self._encode(conversations)
         kwargs = dict(max_new_tokens=self.cfg.max_new_tokens, pad_token_id=tok.pad_token_id)
         if self.cfg.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
@@ -285,15 +335,25 @@ class OpenAIBackend:
         with ThreadPoolExecutor(min(len(conversations), self.cfg.batch_size)) as pool:
             return list(pool.map(self._complete, conversations, seeds))
 
+    def choose(self, conversations: list[list[dict]], sizes: list[int]) -> list[Choice]:
+        """A constrained choice per conversation: asked greedily for one option letter, and parsed; an answer that
+        names no option is an error (the caller keeps its own answer)."""
+        def one(messages: list[dict], n: int) -> Choice:
+            reply = self._complete(messages, 0, temperature=0.0, max_tokens=4)
+            return Choice(None, error=reply.error) if reply.error else parse_choice(reply.text, n)
+
+        with ThreadPoolExecutor(max(1, min(len(conversations), self.cfg.batch_size))) as pool:
+            return list(pool.map(one, conversations, sizes))
+
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
-    def _complete(self, messages: list[dict], seed: int) -> Reply:
+    def _complete(self, messages: list[dict], seed: int, **overrides) -> Reply:
         import httpx
 
         o, cfg = self.cfg.openai, self.cfg
         body = {"model": self.model, "messages": messages, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "max_tokens": cfg.max_new_tokens, "seed": seed}
+                "max_tokens": cfg.max_new_tokens, "seed": seed, **overrides}
         tries = o.max_retries + 1
         for i in range(tries):
             try:

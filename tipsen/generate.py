@@ -39,6 +39,9 @@ class PictureRequest(BaseModel):
 
     prompt: str  # the senior's own words; generate.max_prompt_chars at most (longer is cut, with a warning)
     keyword: Slug | None = None  # a bank slug; None: routed from the prompt
+    # bank slugs the caller chose, the first drawn ([] for none: the senior took every routed one back);
+    # generate.max_keywords at most; not with `keyword`
+    keywords: list[Slug] | None = Field(None, max_length=8)
     seed: Seed | None = None  # None: drawn at random and reported
     steps: Steps | None = None
     guidance: Guidance | None = None
@@ -69,10 +72,12 @@ class Plan:
     num_images: int = 1
     input: str = ""  # the caller's own words
     route: Route = NO_ROUTE  # how the keyword was chosen
+    use_lora: bool = True  # False: no adapter, whatever the route
     assist: bool = False  # the assistant is to rewrite `prompt` (Generator.refine); done once `refined` is set
     refined: dict | None = None  # the assistant's record (backend, attempts, fallback reason, ...)
     refine_s: float = 0.0
-    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # warnings about the request itself
+    warnings: tuple[str, ...] = ()  # the notes, then those about its route
 
     @property
     def key(self) -> tuple:  # plans with equal keys share one diffusion batch
@@ -109,7 +114,7 @@ class Generator:
         self.cfg = params.generate
         self.base = base or params.models.base
         self.registry = registry or Registry.load()
-        self.assistant = assistant  # anything with refine_batch(prompts, keywords=, seeds=) -> [.prompt, .model_dump()]
+        self.assistant = assistant  # anything with settle(texts, routes) and refine_batch(prompts, keywords=, seeds=)
         self.pipe = pipe or load_pipeline(self.base, pipeline_class=params.models.pipeline_class,
                                           device=params.models.device, dtype=params.models.dtype)
         self.modules = components(self.pipe)
@@ -146,9 +151,29 @@ class Generator:
                          for slug, reason in self.reasons.items()},
         }
 
-    def route(self, text: str, keyword: str | None = None) -> Route:
-        """An explicit keyword wins; else the keywords the registry routes the text to (tipsen/routing.py)."""
+    def route(self, text: str, keyword: str | list[str] | None = None) -> Route:
+        """Keywords chosen explicitly win; else the keywords the registry routes the text to (tipsen/routing.py)."""
         return self.registry.route(text, explicit=keyword, limit=self.cfg.max_keywords)
+
+    def chosen(self, req: GenerationRequest) -> list[str] | None:
+        """The keywords a request names (`keyword` or `keywords`), checked; None: route them from the prompt.
+        Each must have a usable adapter unless use_lora is off (then it must only exist)."""
+        if req.keyword is not None and req.keywords is not None:
+            raise ConfigError("keywords: send either keyword or keywords, not both")
+        field, chosen = ("keyword", [req.keyword]) if req.keyword is not None else ("keywords", req.keywords)
+        if chosen is None:
+            return None
+        if len(set(chosen)) < len(chosen):
+            raise ConfigError(f"keywords: {', '.join(chosen)} names a keyword twice; allowed: distinct slugs")
+        if len(chosen) > self.cfg.max_keywords:
+            raise ConfigError(f"keywords: {len(chosen)} keywords; allowed: at most {self.cfg.max_keywords} "
+                              "(generate.max_keywords)")
+        for slug in chosen:
+            if req.use_lora:
+                self.adapter_for(slug, field=field)
+            else:
+                self.registry.get(slug, field=field)
+        return chosen
 
     def size(self, width: int | None, height: int | None) -> tuple[int, int]:
         """The picture size: the given one, else generate.width/height, else the model's native size; checked."""
@@ -190,43 +215,58 @@ class Generator:
             notes.append(f"prompt truncated from {len(words)} to {cfg.max_prompt_chars} characters")
             log.warning(notes[-1])
             words = words[:cfg.max_prompt_chars]
-        if req.keyword and not req.use_lora:
-            self.registry.get(req.keyword)  # unknown: a ConfigError listing the valid slugs
+        chosen = self.chosen(req)
         if req.assist and self.assistant is None:
             raise ConfigError("assist: no prompting assistant is loaded here; send assist: false")
-        adapter = self.adapter_for(req.keyword) if req.keyword and req.use_lora else None
+        adapter = chosen[0] if chosen and req.use_lora else None
         width, height = self.size(req.width, req.height)
-        route = self.route(words, req.keyword)
-        if route.slug and req.use_lora and not req.keyword:
-            adapter = route.slug if route.slug in self.available else None
-            if adapter is None:
+        route = self.route(words, chosen)
+        plan = Plan(prompt=words, seed=draw_seed() if req.seed is None else req.seed,
+                    steps=req.steps or cfg.steps, guidance=cfg.guidance if req.guidance is None else req.guidance,
+                    width=width, height=height, adapter=adapter,
+                    lora_scale=cfg.lora_scale if req.lora_scale is None else req.lora_scale,
+                    negative_prompt=cfg.negative_prompt, num_images=req.num_images, input=words, use_lora=req.use_lora,
+                    assist=req.assist, notes=tuple(notes))
+        plan = self._routed(plan, route)
+        return self.refine([plan])[0] if refine and plan.assist else plan
+
+    def _routed(self, plan: Plan, route: Route) -> Plan:
+        """`plan` drawn as `route` says: its adapter, its prompt (with the assistant off) and the route's warnings.
+        A routed keyword without a usable adapter is drawn by the base model, and the reason is a warning."""
+        notes, adapter = list(plan.notes), plan.adapter
+        if route.source != "explicit":
+            adapter = route.slug if plan.use_lora and route.slug in self.available else None
+            if plan.use_lora and route.slug and adapter is None:
                 why = self.reasons.get(route.slug) or self.bank_error or "not in the bank"
                 notes.append(f"no LoRA for {route.slug} ({why}); the base model is used")
         if route.also:  # one adapter per picture until the bank draws several together
-            notes.append(f"also recognised: {', '.join(route.also)}; only {route.slug} is drawn")
+            how = "chosen" if route.source == "explicit" else "recognised"
+            notes.append(f"also {how}: {', '.join(route.also)}; only {route.slug} is drawn")
         if route.ask:
             notes.append(f"perhaps {', '.join(route.ask)}: not drawn without a clearer mention")
-        plan = Plan(prompt=words if req.assist else self._with_keyword(words, route), seed=draw_seed() if req.seed is None else req.seed,
-                    steps=req.steps or cfg.steps, guidance=cfg.guidance if req.guidance is None else req.guidance,
-                    width=width, height=height, adapter=adapter,
-                    lora_scale=(cfg.lora_scale if req.lora_scale is None else req.lora_scale) if adapter else 0.0,
-                    negative_prompt=cfg.negative_prompt, num_images=req.num_images, input=words, route=route,
-                    assist=req.assist, warnings=tuple(notes))
-        return self.refine([plan])[0] if refine and plan.assist else plan
+        if route.settled and route.settled["error"]:
+            notes.append(f"the route was not settled by {route.settled['by']} ({route.settled['error']}); "
+                         "the rules' route is used")
+        prompt = plan.input if plan.assist else self._with_keyword(plan.input, route)
+        return dataclasses.replace(plan, route=route, adapter=adapter, prompt=prompt, warnings=tuple(notes))
 
     def refine(self, plans: list[Plan]) -> list[Plan]:
-        """The assistant's prompt for every plan that asks for it and has none yet, in one batched call."""
+        """The assistant's work for every plan that asks for it and has none yet, in one batched call each: an
+        unsure route settled by its LLM (Assistant.settle), then the prompt rewritten."""
         todo = [i for i, p in enumerate(plans) if p.assist and p.refined is None]
         if not todo:
             return list(plans)
         t = time.perf_counter()
-        results = self.assistant.refine_batch([plans[i].input for i in todo],
-                                              keywords=[plans[i].route.slug for i in todo],
-                                              seeds=[plans[i].seed for i in todo])
-        each = (time.perf_counter() - t) / len(todo)
         out = list(plans)
+        routes = self.assistant.settle([plans[i].input for i in todo], [plans[i].route for i in todo])
+        for i, route in zip(todo, routes):
+            if route is not plans[i].route:
+                out[i] = self._routed(plans[i], route)
+        results = self.assistant.refine_batch([out[i].input for i in todo], keywords=[out[i].route for i in todo],
+                                              seeds=[out[i].seed for i in todo])
+        each = (time.perf_counter() - t) / len(todo)
         for i, r in zip(todo, results):
-            out[i] = dataclasses.replace(plans[i], prompt=r.prompt, refined=r.model_dump(), refine_s=each)
+            out[i] = dataclasses.replace(out[i], prompt=r.prompt, refined=r.model_dump(), refine_s=each)
         return out
 
     def _with_keyword(self, words: str, route: Route) -> str:

@@ -1,6 +1,7 @@
 """The keyword registry (`data/keywords.yaml`): lookup by slug, English or Korean name, and routing of free text."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -58,14 +59,51 @@ class Route:
     evidence: tuple[str, ...] = ()  # every pattern that matched for `slug`
     also: tuple[str, ...] = ()  # further keywords routed, in order of confidence
     ask: tuple[str, ...] = ()  # keywords only suspected: a page asks before drawing them
+    # How an LLM settled an unsure route (tipsen.assistant.Assistant.settle): its backend, the candidates it was
+    # offered, its choice and probability, the rules' answer; or the error for which the rules' answer stands.
+    settled: dict | None = None
 
     @property
     def slugs(self) -> tuple[str, ...]:
         return ((self.slug,) if self.slug else ()) + self.also
 
+    @property
+    def unsure(self) -> bool:
+        """Worth a second opinion: not named explicitly, and its main keyword only suspected or weakly evidenced."""
+        from tipsen.routing import SURE
+
+        return self.source in ("alias", "words", "none") and self.settled is None and (
+            (self.slug is None and bool(self.ask)) or (self.slug is not None and self.confidence < SURE))
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The keywords an unsure route hesitates between: the routed ones, then the suspected ones."""
+        return tuple(dict.fromkeys(self.slugs + self.ask))
+
+    def settle(self, choice: str | None, *, by: str, probability: float | None = None) -> "Route":
+        """This route as settled by `by` (an LLM backend) choosing `choice` among `candidates`, or none of them."""
+        from tipsen.routing import ROUTE
+
+        record = {"by": by, "candidates": list(self.candidates), "choice": choice, "probability": probability,
+                  "rule": self.slug, "error": None}
+        if choice is None:
+            return Route(None, None, "llm", probability or 0.0, settled=record)
+        if choice not in self.candidates:
+            raise ValueError(f"settle: {choice!r} is not among the candidates {self.candidates}")
+        same = choice == self.slug
+        return Route(choice, self.matched if same else None, "llm",
+                     probability if probability is not None else (self.confidence if same else ROUTE),
+                     self.evidence if same else (), tuple(s for s in self.also if s != choice), (), record)
+
+    def unsettled(self, *, by: str, error: str) -> "Route":
+        """This route kept as the rules gave it, with why `by` could not settle it."""
+        return dataclasses.replace(self, settled={"by": by, "candidates": list(self.candidates), "choice": None,
+                                                  "probability": None, "rule": self.slug, "error": error})
+
     def as_dict(self) -> dict:
         return {"slug": self.slug, "matched": self.matched, "source": self.source, "confidence": self.confidence,
-                "evidence": list(self.evidence), "also": list(self.also), "ask": list(self.ask)}
+                "evidence": list(self.evidence), "also": list(self.also), "ask": list(self.ask),
+                "settled": self.settled}
 
 
 NO_ROUTE = Route(None, None, "none")
@@ -119,6 +157,8 @@ class Registry:
         """Each keyword's names, words, context and exclusions as routing patterns (analysed once)."""
         from tipsen import routing
 
+        routing.teach(n for k in self for n in (k.ko, *k.aliases))  # before any text is analysed with them
+
         def pats(texts) -> list:
             return [routing.pattern(t) for t in dict.fromkeys(texts) if routing.clean(t).strip()]
 
@@ -130,22 +170,28 @@ class Registry:
         return {k.slug: (pats((k.keyword, k.ko, *k.aliases)), pats(k.words), pats(k.context), exclusions(k),
                          frozenset(routing.clean(a) for a in k.ambiguous)) for k in self}
 
-    def route(self, text: str, *, explicit: str | None = None, allowed: list[str] | None = None,
+    def route(self, text: str, *, explicit: str | list[str] | None = None, allowed: list[str] | None = None,
               limit: int = 3) -> Route:
-        """Map free text to keywords: an explicit slug wins; else the best-scored keyword (tipsen/routing.py),
-        with up to `limit - 1` more in `also` and the suspected ones in `ask`."""
+        """Map free text to keywords: explicit slugs win (the first drawn, [] for none); else the best-scored
+        keyword (tipsen/routing.py), with up to `limit - 1` more in `also` and the suspected ones in `ask`."""
         from tipsen import routing
 
-        if explicit:
-            self.get(explicit, allowed=allowed)
-            return Route(explicit, explicit, "explicit", 1.0, (explicit,))
+        if explicit is not None:
+            chosen = [explicit] if isinstance(explicit, str) else list(explicit)
+            for slug in chosen:
+                self.get(slug, allowed=allowed)
+            if not chosen:
+                return Route(None, None, "explicit", 1.0)
+            return Route(chosen[0], chosen[0], "explicit", 1.0, tuple(chosen), tuple(chosen[1:limit]))
         parsed = routing.Text(text)
         found = [c for slug, (names, words, context, exclude, ambiguous) in self._patterns.items()
                  if allowed is None or slug in allowed
                  if (c := routing.score(parsed, slug, names, words, context, exclude, ambiguous)) is not None]
         found.sort(key=lambda c: (-c.confidence, c.first, c.slug))
-        routed = [c for c in found if c.confidence >= routing.ROUTE][:limit]
-        ask = tuple(c.slug for c in found if c.confidence < routing.ROUTE)
+        # the main keyword needs ROUTE; one beside it needs SURE, else it is only asked about (a single everyday
+        # word of another keyword in a description: 제사상 in a sentence about 약과)
+        routed = [c for i, c in enumerate(found) if c.confidence >= (routing.SURE if i else routing.ROUTE)][:limit]
+        ask = tuple(c.slug for c in found if c not in routed)
         if not routed:
             return Route(None, None, "none", ask=ask)
         top = routed[0]

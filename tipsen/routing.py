@@ -10,7 +10,9 @@ Each keyword is scored on its evidence:
 - a name not ruled out by an exclusion ("문제 제기", "차례 대로") is 1.0, or `ASK` when that name is also an
   everyday word (the keyword's `ambiguous` names) and no context word confirms it;
 - with no name, everyday words score `WORD` each, up to `WORDS_MAX`; a context word adds `CONTEXT`.
-A keyword at `ROUTE` or above is routed; between `ASK` and `ROUTE` it is only a question for the senior.
+A keyword at `ROUTE` or above is routed; between `ASK` and `ROUTE` it is only a question for the senior. A route
+whose main keyword is below `SURE`, or that only asks, is unsure: with an LLM backend the assistant settles it as a
+constrained choice among its candidates or none (`Route.settle`, `source: llm`); the template keeps the rules'.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 ROUTE, ASK = 0.5, 0.3  # confidence to route a keyword / to ask about it
+SURE = 0.8  # below this a routed keyword is unsure: an LLM, where there is one, settles it (Route.unsure)
 WORD, WORDS_MAX, CONTEXT = 0.5, 0.8, 0.2
 # Nouns that make a keyword's name the name of a place or a business ("거북선횟집", "경복궁역"); not for foods,
 # whose restaurants still serve them.
@@ -45,6 +48,19 @@ def _kiwi():
     return Kiwi(num_workers=1)
 
 
+def teach(names) -> list[str]:
+    """Teach the analyser the one-word names it reads as a verb or an adjective (달고나 as 달- 고 이- 나), as
+    common nouns, so that "달고나를" is 달고나 + 를 and not 달- 고 나르- ㄹ. Returns the names taught."""
+    taught = []
+    with _lock:
+        kiwi = _kiwi()
+        for name in dict.fromkeys(clean(n) for n in names):
+            if HANGUL.search(name) and " " not in name and \
+                    any(t.tag in ("VV", "VA") for t in kiwi.tokenize(name)) and kiwi.add_user_word(name, "NNG", 0):
+                taught.append(name)
+    return taught
+
+
 @dataclass(frozen=True)
 class Morph:
     surface: str  # the text it covers, spaces removed
@@ -54,6 +70,7 @@ class Morph:
     noun: bool  # NN*: nouns may be written apart ("세종 대왕") and still be one name
     common_noun: bool  # NNG: may be a compound whose first part is a name (연탄재, 세뱃돈)
     spaced: bool  # a space comes before it
+    stem: bool = False  # a verb or adjective stem (VV, VA, VX): no name ends on one (달고나서 is 달- 고 나서-)
 
 
 def analyse(text: str) -> list[Morph]:
@@ -66,7 +83,8 @@ def analyse(text: str) -> list[Morph]:
         out.append(Morph(surface=re.sub(r"\s+", "", text[t.start:t.end]), lemma=lemma,
                          content=not t.tag.startswith(NOT_CONTENT) or t.tag in ("SH", "SN"),
                          ending=t.tag.startswith(("E", "S")) and t.tag != "SH", noun=t.tag.startswith("NN"),
-                         common_noun=t.tag == "NNG", spaced=t.start > 0 and text[t.start - 1].isspace()))
+                         common_noun=t.tag == "NNG", spaced=t.start > 0 and text[t.start - 1].isspace(),
+                         stem=t.tag in ("VV", "VA", "VX")))
     return out
 
 
@@ -96,9 +114,10 @@ def pattern(text: str) -> Pattern:
 Spans = dict[str, list[tuple[int, int]]]
 
 
-def _index(keys: list[tuple[str, int, bool]], longest: int) -> Spans:
+def _index(keys: list[tuple[str, int, bool]], longest: int, ends: list[bool] | None = None) -> Spans:
     """Every run of consecutive keys, concatenated (up to `longest` characters) -> its (first, last) indices.
-    A key with a False flag ends any run it would join from the left (used to keep "큰 절" from being "큰절")."""
+    A key with a False flag ends any run it would join from the left (used to keep "큰 절" from being "큰절");
+    a run ends only where `ends` allows (all keys when None)."""
     spans: Spans = {}
     for a in range(len(keys)):
         if not keys[a][0]:
@@ -110,7 +129,7 @@ def _index(keys: list[tuple[str, int, bool]], longest: int) -> Spans:
             acc += keys[b][0]
             if len(acc) > longest:
                 break
-            if keys[b][0]:  # a run never ends on a morpheme with no surface (the copula in 약과예요)
+            if keys[b][0] and (ends is None or ends[b]):  # nor on one with no surface (약과예요's copula)
                 spans.setdefault(acc, []).append((keys[a][1], keys[b][1]))
     return spans
 
@@ -134,7 +153,7 @@ class Text:
         m, n = self.morphs, self.LONGEST
         # a run of surfaces may cross a space only between nouns: "세종 대왕" is 세종대왕, "큰 절" is not 큰절
         self.surface = _index([(x.surface, i, not x.spaced or (x.noun and m[i - 1].noun)) for i, x in enumerate(m)],
-                              n)
+                              n, ends=[not x.stem for x in m])
         self.lemmas = _index([(x.lemma, i, True) for i, x in enumerate(m) if x.content], n)
         self.words = _index([(x.lemma, i, True) for i, x in enumerate(m) if not x.ending], n)
         self.prefixes: Spans = {}  # a compound common noun's first part -> where
@@ -161,6 +180,11 @@ class Text:
             found.update(self.prefixes.get(p.surface, ()))
             found.update(self.prefixes.get(_with_sai_siot(p.surface), ()))
         return sorted(found)
+
+
+    def inside(self, p: Pattern, r: tuple[int, int]) -> bool:
+        """Whether the match `r` of `p` is the first part of a longer compound noun (연탄 in 연탄재)."""
+        return not p.latin and r[0] == r[1] and len(self.morphs[r[0]].surface) > len(p.surface)
 
 
 def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -193,10 +217,11 @@ def score(text: Text, slug: str, names: list[Pattern], words: list[Pattern], con
     def own(r: tuple[int, int]) -> bool:  # evidence of its own: apart from the names, or a name with more
         return all(not _overlaps(r, t) or r[1] - r[0] > t[1] - t[0] for t in taken)
 
-    confirm = [p for p in context if any(own(r) for r in text.find(p))]
+    confirm = [p for p in context if any(own(r) for r in text.find(p, compound=True))]  # 단오날 holds 단오
     seen = [(p, rs[0]) for p in words if (rs := [r for r in text.find(p) if own(r)])]  # each word once, first place
-    if hits:  # an everyday word confirms an ambiguous name as a context word does ("제기 차다")
-        sure = bool(confirm) or bool(seen) or any(p.text not in ambiguous for p, _ in hits)
+    if hits:  # an everyday word confirms an ambiguous name as a context word does ("제기 차다"), and so does a
+        # compound that holds it (씨름판): the everyday senses are the bare word
+        sure = bool(confirm) or bool(seen) or any(p.text not in ambiguous or text.inside(p, r) for p, r in hits)
         evidence = [p.text for p, _ in hits] + [p.text for p, _ in seen] + [p.text for p in confirm]
         confidence, source = (1.0 if sure else ASK), "alias"
         first = min((p.latin, r[0]) for p, r in hits)
