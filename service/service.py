@@ -152,6 +152,7 @@ class KeywordOut(Model):
 class KeywordsOut(Model):
     base_model: str
     device: str
+    max_keywords: int  # generate.max_keywords: the most a request may name in `keywords`
     keywords: list[KeywordOut]
 
 
@@ -370,7 +371,8 @@ class Tipsen:
                            category=known[slug].category if slug in known else "unknown", available=a["available"],
                            reason=a.get("reason"))
                 for slug, a in status["adapters"].items()]
-        return KeywordsOut(base_model=status["base_model"], device=status["device"], keywords=rows)
+        return KeywordsOut(base_model=status["base_model"], device=status["device"], max_keywords=GEN.max_keywords,
+                           keywords=rows)
 
     @ui.get("/route", response_model=RouteOut,
             responses={**NOT_READY, 422: {"model": ErrorOut, "description": "a query parameter out of bounds"}})

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tipsen.errors import ConfigError
+from tipsen.errors import ConfigError, NoTopic
 from tipsen.testing import random_bank
 
 SLUGS = ["gimjang", "yakgwa", "hanok"]
@@ -71,6 +72,33 @@ def test_routing(gen):
         "settled": None}
     plan = gen.resolve({"prompt": "김장 하던 날, 세종대왕 동상 앞에서", "assist": False})
     assert plan.route.slug == "gimjang" and "also recognised: sejong; only gimjang is drawn" in plan.warnings
+
+
+def test_keywords_chosen_by_the_caller(gen):
+    both = gen.resolve({"prompt": "어릴 적 김장하던 날", "keywords": ["yakgwa", "gimjang"], "assist": False})
+    assert (both.adapter, both.route.source, both.route.slugs) == ("yakgwa", "explicit", ("yakgwa", "gimjang"))
+    assert "also chosen: gimjang; only yakgwa is drawn" in both.warnings
+    assert both.prompt.startswith("A photo of Yakgwa Food, a deep-fried") and "; A photo of Gimjang" in both.prompt
+    english = gen.resolve({"prompt": "a bowl of soup", "keywords": [], "assist": False})  # every one taken back
+    assert (english.adapter, english.route.slug, english.route.source, english.prompt) == \
+        (None, None, "explicit", "a bowl of soup")
+    with pytest.raises(NoTopic):  # Korean words and no keyword left: nothing SDXL can read
+        gen.resolve({"prompt": "어릴 적 김장하던 날", "keywords": [], "assist": False})
+    off = gen.resolve({"prompt": "차례", "keywords": ["charye"], "use_lora": False, "assist": False})
+    assert (off.adapter, off.route.slug) == (None, "charye")  # no adapter needed without LoRA
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"keywords": ["gimjang", "gimjang"]}, "keywords: gimjang, gimjang names a keyword twice"),
+    ({"keywords": ["gimjang", "yakgwa", "hanok", "sebae"]}, "keywords: 4 keywords; allowed: at most 3"),
+    ({"keywords": ["gimjang"], "keyword": "gimjang"}, "keywords: send either keyword or keywords"),
+    ({"keywords": ["gimjang", "charye"]}, "keywords: 'charye' is not in the bank"),
+    ({"keywords": ["pyramid"]}, "keywords: unknown keyword 'pyramid'"),
+    ({"keywords": "gimjang"}, "keywords"),
+])
+def test_bad_keywords_name_the_field(gen, change, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        gen.resolve({"prompt": "김장", **change})
 
 
 def test_routed_prompt_and_metadata(gen):

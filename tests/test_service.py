@@ -177,6 +177,11 @@ def test_generate_returns_pngs_prompt_keyword_seed_and_timings(main):
     assert korean["prompt"].startswith("A photo of Gimjang Tradition, families") and korean["original"] == "김장하는 날"
     unknown = post(main, "/generate", {"prompt": "바닷가에서 조개를 줍던 여름", "assist": False, "steps": 1})
     assert unknown.status_code == 400 and unknown.json()["error"].startswith("prompt: no topic was recognised")
+    chosen = post(main, "/generate", {"prompt": "김장하는 날", "keywords": ["yakgwa", "gimjang"], "steps": 1}).json()
+    assert (chosen["keyword"], chosen["adapter"], chosen["route"]["source"]) == ("yakgwa", "yakgwa", "explicit")
+    assert "also chosen: gimjang; only yakgwa is drawn" in chosen["warnings"]
+    none = post(main, "/generate", {"prompt": "김장하는 날", "keywords": [], "steps": 1}).json()  # all taken back
+    assert none["keyword"] is None and none["adapter"] is None and "Gimjang" not in none["prompt"]
 
 
 def test_generate_png_same_seed_same_bytes(main):
@@ -208,6 +213,9 @@ VIOLATIONS = [
     ("prompt", {"prompt": MISSING}), ("prompt", {"prompt": 5}),
     ("keyword", {"keyword": "nope"}), ("keyword", {"keyword": "../models/x"}), ("keyword", {"keyword": CORRUPT}),
     ("keyword", {"keyword": "sebae"}),  # a registry keyword without an adapter in this bank
+    ("keywords", {"keywords": ["gimjang", "sebae"]}), ("keywords", {"keywords": ["gimjang", "gimjang"]}),
+    ("keywords", {"keywords": ["gimjang", "yakgwa", "songpyeon", "kimbap"]}), ("keywords", {"keywords": "gimjang"}),
+    ("keywords", {"keywords": ["gimjang"], "keyword": "gimjang"}), ("keywords", {"keywords": ["../x"]}),
     ("steps", {"steps": 0}), ("steps", {"steps": 51}), ("steps", {"steps": "many"}), ("steps", {"steps": True}),
     ("steps", {"steps": "2"}), ("seed", {"seed": 1.5}),
     ("guidance", {"guidance": -0.5}), ("guidance", {"guidance": 20.5}),

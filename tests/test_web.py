@@ -195,8 +195,34 @@ def test_an_unsure_route_asks_and_the_chip_confirms(page):
     assert page.inner_text("#route") == "차례 (Chuseok Charye)로 그릴게요."
     page.click("#make")
     page.wait_for_selector("#result:not([hidden])", timeout=120_000)
-    assert sent[-1] == {"prompt": "차례", "keyword": "charye"}
+    assert sent[-1] == {"prompt": "차례", "keywords": ["charye"]}
     assert page.text_content("#used-keyword") == "차례 (Chuseok Charye)"
+
+
+def pressed(page) -> list[str]:
+    return page.eval_on_selector_all('#chips button[aria-pressed="true"]', "cs => cs.map((c) => c.dataset.slug)")
+
+
+def test_chips_add_and_remove_keywords(page):
+    """A chip adds its keyword to the routed ones or takes it out; the first is drawn and the choice is sent."""
+    sent = generate_bodies(page)
+    page.fill("#prompt", "김장하는 날 약과도 먹었어요")
+    page.wait_for_function("() => document.getElementById('route').textContent.includes('알아들었지만')")
+    assert pressed(page) == ["gimjang", "yakgwa"]
+    page.click('#chips button[data-slug="yakgwa"]')  # out
+    assert pressed(page) == ["gimjang"] and page.inner_text("#route") == "김장 (Gimjang)으로 그릴게요."
+    page.click('#chips button[data-slug="songpyeon"]')  # in, after the routed one
+    assert page.inner_text("#route") == "김장 (Gimjang)으로 그릴게요. 송편도 고르셨지만, 한 번에 한 주제만 그려요."
+    page.click('#chips button[data-slug="kimbap"]')
+    page.click('#chips button[data-slug="yakgwa"]')  # a fourth: more than the service draws
+    assert page.inner_text("#route") == "주제는 3가지까지 고를 수 있어요." and "yakgwa" not in pressed(page)
+    page.click('#chips button[data-slug="gimjang"]')
+    page.click('#chips button[data-slug="kimbap"]')
+    assert pressed(page) == ["songpyeon"] and page.inner_text("#route") == "송편 (Songpyeon)으로 그릴게요."
+    page.click("#make")
+    page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+    assert sent[-1] == {"prompt": "김장하는 날 약과도 먹었어요", "keywords": ["songpyeon"]}
+    assert page.text_content("#used-keyword") == "송편 (Songpyeon)"
 
 
 def test_a_second_keyword_is_named_in_the_hint(page):

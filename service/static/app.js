@@ -10,12 +10,15 @@ const TEXT = {
     make: "그림 만들기", wait: "그림을 그리고 있어요. 잠시만 기다려 주세요.", elapsed: (s) => `${s}초 지났어요.`,
     resultTitle: "완성된 그림", done: "그림이 완성됐어요.", save: "그림 저장하기", again: "다른 그림으로 다시 그리기",
     another: "새 그림 만들기", details: "자세히 보기", refinedLabel: "그림에 쓴 영어 설명", keywordLabel: "주제",
-    seedLabel: "그림 번호(시드)", none: "없음", chipsTitle: "이런 주제를 잘 그려요", chipsHelp: "누르면 글에 넣어 드려요.",
+    seedLabel: "그림 번호(시드)", none: "없음",
+    chipsTitle: "이런 주제를 잘 그려요", chipsHelp: "누르면 주제를 더하고, 다시 누르면 빼요.",
     notReady: "준비 중", routeTo: (kw) => `${kw.ko} (${kw.keyword})${particle(kw.ko)} 그릴게요.`,
     routeOff: (kw) => `${kw.ko} 주제는 지금 쓸 수 없어서, 기본 그림으로 그릴게요.`,
     routeNone: "적어 주신 대로 그릴게요.",
     routeAsk: (kw) => `${kw.ko}${objectParticle(kw.ko)} 그릴까요? 그렇다면 아래 '${kw.ko}'${objectParticle(kw.ko)} 눌러 주세요.`,
     routeAlso: (names) => `${names}도 알아들었지만, 한 번에 한 주제만 그려요.`,
+    routePicked: (names) => `${names}도 고르셨지만, 한 번에 한 주제만 그려요.`,
+    routeFull: (n) => `주제는 ${n}가지까지 고를 수 있어요.`,
     privacy: "적어 주신 글과 만든 그림은 보여 드린 뒤 어디에도 남기지 않아요.",
     errors: {
       empty: "떠올리고 싶은 장면을 먼저 적어 주세요.",
@@ -38,12 +41,14 @@ const TEXT = {
     resultTitle: "Your picture", done: "Your picture is ready.", save: "Save the picture",
     again: "Draw it again differently", another: "Make a new picture", details: "Show details",
     refinedLabel: "English description used", keywordLabel: "Topic", seedLabel: "Picture number (seed)",
-    none: "none", chipsTitle: "Topics I draw well", chipsHelp: "Tap one to add it to your text.",
+    none: "none", chipsTitle: "Topics I draw well", chipsHelp: "Tap one to add it; tap it again to take it out.",
     notReady: "not available", routeTo: (kw) => `I'll draw it as ${kw.keyword} (${kw.ko}).`,
     routeOff: (kw) => `${kw.keyword} is not available now, so I'll draw a plain picture.`,
     routeNone: "I'll draw it as you wrote it.",
     routeAsk: (kw) => `Shall I draw ${kw.keyword}? If so, tap '${kw.keyword}' below.`,
     routeAlso: (names) => `I also noticed ${names}, but I draw one topic at a time.`,
+    routePicked: (names) => `You also chose ${names}, but I draw one topic at a time.`,
+    routeFull: (n) => `You can choose up to ${n} topics.`,
     privacy: "What you write and the pictures made from it are not kept anywhere after they are shown to you.",
     errors: {
       empty: "Please write the scene you want to recall first.",
@@ -62,7 +67,8 @@ let lang = sessionStorage.getItem("tipsen-lang") === "en" ? "en" : "ko";
 let keywords = [];
 let route = null;
 const NO_TOPIC = "prompt: no topic was recognised";  // the service's words for Korean it cannot draw
-let chosen = null;  // a keyword the senior confirmed by its chip when the hint asked; sent as `keyword`
+let picked = null;  // the keywords the senior chose with the chips, sent as `keywords`; null: follow the hint
+let maxKeywords = 3;  // the service's generate.max_keywords, from /keywords
 let lastPrompt = "";
 let working = false;
 let pending = null;  // the action to retry once the access key is entered
@@ -145,7 +151,7 @@ function renderChips() {
     chip.type = "button";
     chip.dataset.slug = kw.slug;
     chip.textContent = lang === "ko" ? kw.ko : kw.keyword;
-    chip.setAttribute("aria-pressed", String(drawn() === kw.slug));
+    chip.setAttribute("aria-pressed", String(drawn().includes(kw.slug)));
     if (!kw.available) {
       chip.setAttribute("aria-disabled", "true");
       chip.textContent += ` (${t("notReady")})`;
@@ -156,35 +162,45 @@ function renderChips() {
   }
 }
 
-// The keyword the picture will be drawn with: the one the senior confirmed, else the routed one.
-function drawn() { return chosen || (route && route.slug) || null; }
+// The keywords the picture is for, the first drawn: the senior's own choice, else the routed ones.
+function drawn() {
+  if (picked) return picked;
+  return route && route.slug ? [route.slug, ...route.also] : [];
+}
 
 function byslug(slug) { return keywords.find((kw) => kw.slug === slug); }
 
 function renderRoute() {
   const hint = $("route");
-  if (!$("prompt").value.trim() || route === null) { hint.textContent = ""; }
-  else if (chosen) { hint.textContent = t("routeTo")(byslug(chosen)); }
+  const names = (slugs) => slugs.map(byslug).filter(Boolean).map((kw) => (lang === "ko" ? kw.ko : kw.keyword));
+  if (picked) {
+    const [first, ...rest] = picked;
+    hint.textContent = first ? t("routeTo")(byslug(first)) : t("routeNone");
+    if (rest.length) hint.textContent += " " + t("routePicked")(names(rest).join(", "));
+  } else if (!$("prompt").value.trim() || route === null) { hint.textContent = ""; }
   else if (!route.slug) {
     const asked = route.ask.map(byslug).find((kw) => kw && kw.available);
     hint.textContent = asked ? t("routeAsk")(asked) : t("routeNone");
   } else {
     hint.textContent = route.available ? t("routeTo")(route) : t("routeOff")(route);
-    const also = route.also.map(byslug).filter(Boolean).map((kw) => (lang === "ko" ? kw.ko : kw.keyword));
+    const also = names(route.also);
     if (also.length) hint.textContent += " " + t("routeAlso")(also.join(", "));
   }
   for (const chip of $("chips").children) {
-    chip.setAttribute("aria-pressed", String(drawn() === chip.dataset.slug));
+    chip.setAttribute("aria-pressed", String(drawn().includes(chip.dataset.slug)));
   }
 }
 
-// A chip the hint asked about confirms that keyword (or, pressed again, takes it back); any other chip adds its
-// name to the text.
+// With an empty box a chip writes its name there; otherwise it adds its keyword to the picture's keywords, or,
+// pressed again, takes it out (so the hint's question is answered by pressing the chip it names).
 function pickKeyword(kw) {
   if (!kw.available) return;
-  if (chosen === kw.slug) { chosen = null; renderRoute(); return; }
-  if (route && !route.slug && route.ask.includes(kw.slug)) { chosen = kw.slug; renderRoute(); return; }
-  insertKeyword(kw);
+  if (!$("prompt").value.trim()) { insertKeyword(kw); return; }
+  const now = drawn();
+  if (now.includes(kw.slug)) picked = now.filter((slug) => slug !== kw.slug);
+  else if (now.length >= maxKeywords) { $("route").textContent = t("routeFull")(maxKeywords); return; }
+  else picked = [...now, kw.slug];
+  renderRoute();
 }
 
 function insertKeyword(kw) {
@@ -205,7 +221,7 @@ function updateRoute() {
   clearTimeout(routeTimer);
   routeTimer = setTimeout(async () => {
     const text = $("prompt").value.trim();
-    if (!text) { route = null; chosen = null; renderRoute(); return; }
+    if (!text) { route = null; picked = null; renderRoute(); return; }
     try {
       route = await call(`/route?text=${encodeURIComponent(text.slice(0, 1000))}`, { askKey: false });
     } catch {
@@ -217,7 +233,9 @@ function updateRoute() {
 
 async function loadKeywords(tries = 20) {
   try {
-    keywords = (await call("/keywords")).keywords;
+    const bank = await call("/keywords");
+    keywords = bank.keywords;
+    maxKeywords = bank.max_keywords;
     renderChips();
   } catch (err) {
     if (err.kind === "busy" && tries > 0) setTimeout(() => loadKeywords(tries - 1), 3000);  // still loading
@@ -249,7 +267,7 @@ async function make(prompt) {
   lastPrompt = prompt;
   setWorking(true);
   try {
-    const body = chosen ? { prompt, keyword: chosen } : { prompt };
+    const body = picked ? { prompt, keywords: picked } : { prompt };
     const out = await call("/generate", { method: "POST", body, timeout: GENERATE_TIMEOUT_MS });
     showResult(out);
   } catch (err) {
@@ -289,7 +307,7 @@ document.addEventListener("DOMContentLoaded", () => {
     $("result").hidden = true;
     $("prompt").value = "";
     route = null;
-    chosen = null;
+    picked = null;
     renderRoute();
     $("prompt").focus();
   });
