@@ -1,7 +1,8 @@
 """Deployments of the flows, for the Prefect UI (`prefect server start`, then http://127.0.0.1:4200).
 
     python -m flows.deploy                 serve curate, train, train-keyword, evaluate and retrain from this
-                                           process; retrain runs on flows.retrain_cron
+                                           process; retrain runs on flows.retrain_cron, read in
+                                           flows.retrain_timezone (Asia/Seoul)
     python -m flows.deploy --pool gpu      register them on the work pool `gpu` instead (code from this
                                            directory, no image); then `prefect worker start --pool gpu` on
                                            each GPU machine, and set flows.work_pool: gpu to fan training out
@@ -22,10 +23,13 @@ LOCAL = "local"  # name of the served deployments; pool deployments are named af
 
 
 def _options(f, params: Params, profile: str | None) -> dict:
-    """Per-flow deployment options: retrain gets the cron schedule and never overlaps itself."""
+    """Per-flow deployment options: retrain gets the cron schedule, in its time zone, and never overlaps itself."""
+    from prefect.schedules import Cron
+
     opts = {"parameters": {"profile": profile}} if profile else {}
     if f is retrain_flow:
-        opts.update(cron=params.flows.retrain_cron, concurrency_limit=1)
+        opts.update(schedule=Cron(params.flows.retrain_cron, timezone=params.flows.retrain_timezone),
+                    concurrency_limit=1)
     return opts
 
 

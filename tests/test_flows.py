@@ -331,8 +331,18 @@ def test_deployments_carry_the_retrain_schedule(workspace):
     deployment_id = deps["retrain"].apply()
     with get_client(sync_client=True) as client:
         stored = client.read_deployment(deployment_id)
-    assert [s.schedule.cron for s in stored.schedules] == [params.flows.retrain_cron]
+    assert [(s.schedule.cron, s.schedule.timezone) for s in stored.schedules] == \
+        [(params.flows.retrain_cron, "Asia/Seoul")]  # 03:00 in Korea, not 03:00 UTC (noon in Korea)
     assert not deps["train"].schedules  # only retrain is scheduled
+
+
+def test_a_schedule_time_zone_must_exist():
+    from tipsen.config import parse_params
+    from tipsen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"flows\.retrain_timezone: 'Seoul' is not a time zone; allowed: an IANA"):
+        parse_params({"profile": "p", "keywords": ["gimjang"],
+                      "profiles": {"p": {"flows": {"retrain_timezone": "Seoul"}}}})
 
 
 # ---------------------------------------------------------------- a real work pool

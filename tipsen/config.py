@@ -226,7 +226,20 @@ class FlowsParams(Section):
     retries: int = Field(2, ge=0, le=10)  # per keyword, transient errors only; never a ConfigError
     retry_delay_s: float = Field(30.0, ge=0.0, le=3600.0)  # first retry's wait; each next one waits 2x longer
     retrain_cron: str = Field("0 3 * * 1", pattern=r"^\s*(\S+\s+){4}\S+\s*$")  # weekly, Monday 03:00
+    retrain_timezone: str = "Asia/Seoul"  # the IANA time zone retrain_cron is read in (03:00 in Korea)
     promotion_margin: float = Field(0.01, ge=0.0, le=1.0)  # a candidate may score this much below the current
+
+    @field_validator("retrain_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone; allowed: an IANA name such as Asia/Seoul or UTC") \
+                from None
+        return value
 
 
 class Params(Section):
