@@ -230,3 +230,18 @@ def test_bank_build_names_an_adapter_that_is_not_safetensors(damage, work, tmp_p
     assert code == 2 and err[-1] == f"tipsen bank: error: --loras {loras}: {expected}; retrain the keyword or " \
                                     "remove the file"
     assert index.read_bytes() == before
+
+
+def test_serve_on_a_busy_port_is_one_line(work):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _cli("serve", "--params", str(work / "params.yaml"), "--bank", str(work / "bank" / "bank.json"),
+                 "--port", str(port), cwd=work)
+    assert _error_line(r, "serve", 2) == (f"--port: port {port} is in use on 127.0.0.1; stop what listens there, "
+                                          "or choose another with --port")
+    r = _cli("serve", "--params", str(work / "params.yaml"), "--host", "192.0.2.1", cwd=work)  # TEST-NET-1
+    assert _error_line(r, "serve", 2) == "--host: 192.0.2.1 is not an address of this machine"

@@ -7,7 +7,9 @@ starts: after `tipsen bank build` (or `dvc repro`), restart it.
 """
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -38,6 +40,30 @@ def command(*, params: Path, profile: str | None, bank: Path, host: str, port: i
     return cmd, env
 
 
+def check_bind(host: str, port: int) -> None:
+    """A ConfigError now if `host:port` cannot be bound (in use, or not this machine's address), rather than
+    bentoml's traceback after the models load. A port only in TIME_WAIT counts as free, as it does for servers."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        raise ConfigError(f"--host: {host!r} is not a name or address of this machine") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"--port: port {port} is in use on {host}; stop what listens there, or choose "
+                                  "another with --port") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"--host: {host} is not an address of this machine") from None
+            if exc.errno == errno.EACCES:
+                raise ConfigError(f"--port: port {port} needs privileges; allowed without them: 1024 to 65535") \
+                    from None
+            raise
+
+
 def run(args) -> int:
     params = load_params(args.params, profile=args.profile)
     params.log()
@@ -45,6 +71,7 @@ def run(args) -> int:
         raise ConfigError(f"serve: {ROOT / 'service'} not found; run 'tipsen serve' from a source checkout")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port: {args.port} is out of range; allowed: 1 to 65535")
+    check_bind(args.host, args.port)
     bank = paths.in_project(args.bank)
     Bank(bank)  # a missing or unreadable index is a user error, reported now
     cmd, env = command(params=Path(args.params), profile=args.profile, bank=bank, host=args.host, port=args.port)
