@@ -241,7 +241,7 @@ class Tipsen:
             from tipsen.assistant import Assistant
             from tipsen.generate import Generator
 
-            PARAMS.log()
+            PARAMS.log(logging.INFO)
             self.registry = Registry.load()
             self.registry.route("김장")  # loads the Korean analyser now, not on a senior's first request
             curated = ROOT / paths.CURATED

@@ -60,15 +60,18 @@ def _main(argv: list[str]) -> int:
     if name not in COMMANDS:
         print(f"tipsen: error: unknown command {name!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("tipsen").setLevel(logging.INFO)  # our progress; libraries only warn
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"tipsen {name}", description=COMMANDS[name][1])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--profile", default=None, help="profile to use instead of params.yaml's 'profile:'")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also log the resolved config, debug detail and the libraries' expected warnings")
     module.add_arguments(parser)
     args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # our progress at INFO; with -v our DEBUG too, which also lets the libraries' expected warnings through
+    logging.getLogger("tipsen").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(module.run(args) or 0)
     except ConfigError as exc:

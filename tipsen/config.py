@@ -268,8 +268,9 @@ class Params(Section):
             raise ValueError(f"unknown slug {unknown[0]!r}; allowed: {', '.join(registry.keywords)}")
         return keywords
 
-    def log(self) -> None:
-        log.info("resolved config: %s", self.model_dump(mode="json"))
+    def log(self, level: int = logging.DEBUG) -> None:
+        """The resolved config, at DEBUG for commands (shown with -v); the service logs it at INFO."""
+        log.log(level, "resolved config: %s", self.model_dump(mode="json"))
 
     def override(self, section: str | None, changes: dict[str, Any], *, flags: bool = False) -> "Params":
         """A copy with `changes` applied to one section (None: the top level), validated as params.yaml is.

@@ -41,23 +41,27 @@ def lora_layers(modules) -> list:
 
 
 class _QuietMissingKeys(logging.Filter):
-    """diffusers warns for every text encoder an adapter has no keys for: expected here, 2 lines per adapter."""
+    """diffusers warns for every text encoder an adapter has no keys for: expected here, 2 lines per adapter.
+    Shown when tipsen logs at DEBUG (`tipsen ... -v`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "No LoRA keys associated to" not in record.getMessage()
+        return "No LoRA keys associated to" not in record.getMessage() or log.isEnabledFor(logging.DEBUG)
 
 
 def load_adapters(pipe, bank: Bank, known: set[str]) -> dict[str, str | None]:
     """Load every verified adapter of `bank` under its slug; {slug: None if loaded, else why not}."""
     quiet = _QuietMissingKeys()
-    diffusers_log = logging.getLogger("diffusers.loaders.lora_base")
-    diffusers_log.addFilter(quiet)
+    loggers = [logging.getLogger(n) for n in ("diffusers.loaders.lora_base", "diffusers.loaders.peft")]
+    for logger in loggers:
+        logger.addFilter(quiet)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # many adapters is the point
+            if not log.isEnabledFor(logging.DEBUG):  # many adapters in one model is the point
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             status = {entry.slug: _load_one(pipe, bank, entry, known) for entry in bank}
     finally:
-        diffusers_log.removeFilter(quiet)
+        for logger in loggers:
+            logger.removeFilter(quiet)
     for layer in lora_layers(components(pipe)):
         # No adapter is ever active: a LoRA applies only through per-sample names or fusion, so a layer
         # that a fused adapter does not cover cannot pick up whichever adapter diffusers activated last.
