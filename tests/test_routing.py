@@ -12,7 +12,10 @@ from tipsen import routing
 DATA = Path(__file__).resolve().parent / "data"
 # The development set, and two sets each written blind to the rules by someone who saw only the keywords' names and
 # descriptions (scored once before any rule changed for them: BENCHMARKS.md has those first figures).
-SETS = {"routing": 150, "routing_heldout": 150, "routing_unseen": 120}  # name: its least number of sentences
+SETS = {"routing": 150, "routing_heldout": 150, "routing_unseen": 120, "routing_blind3": 130}  # name: least size
+# routing_blind3 was scored after the rules had been fitted to the others: its floor is on the whole set, a guard
+# against regressions rather than the targets below (it measured 0.938 first and 0.962 now; BENCHMARKS.md).
+OVERALL_FLOORS = {"routing_blind3": 0.95}
 # Floors per category: a drop below one is a regression. The targets the router is built for: names with particles
 # and endings 98%, everyday-sense homonyms and no-keyword sentences 95% routed to nothing, descriptions without the
 # name 60%. Measured figures are in BENCHMARKS.md (python -m benchmarks.routing).
@@ -37,8 +40,11 @@ def test_the_data_sets_are_well_formed(name, registry):
 
 
 @pytest.mark.parametrize("name", SETS)
-def test_routing_accuracy_per_category_holds(name, registry):
+def test_routing_accuracy_holds(name, registry):
     report = routing.evaluate(registry, load(name))
+    if name in OVERALL_FLOORS:
+        assert report["overall"] >= OVERALL_FLOORS[name], report["misses"]
+        return
     below = {c: (a, FLOORS[c]) for c, a in report["accuracy"].items() if a < FLOORS[c]}
     assert not below, (below, [m for m in report["misses"] if m["category"] in below])
 
@@ -104,3 +110,15 @@ def test_an_ambiguous_name_is_sure_inside_a_compound_or_with_a_context_word(regi
     assert (bare.slug, bare.ask, bare.unsure) == (None, ("ssireum",), True)
     assert registry.route("단오날 씨름판이 크게 벌어졌지").slug == "ssireum"  # 씨름판 holds 씨름, 단오날 holds 단오
     assert registry.route("아버지는 동네에서 씨름을 제일 잘하셨어요").slug == "ssireum"
+
+
+def test_place_suffixes_are_nouns():
+    # A suffix the analyser reads as a verb would rule out the name before any verb: 가든 (a garden restaurant)
+    # is 가- 든, and "불국사 가든" would then rule out "불국사에 갔어요".
+    for suffix in routing.PLACES:
+        assert not any(m.stem or m.ending for m in routing.analyse(suffix)), suffix
+
+
+def test_business_names_are_not_keywords(registry):
+    assert registry.route("아들이 강강술래 갈비집에서 칠순 잔치를 열어 줬어요").slug is None
+    assert registry.route("신혼여행으로 불국사에 갔었어요").slug == "bulguksa"

@@ -27,7 +27,9 @@ SURE = 0.8  # below this a routed keyword is unsure: an LLM, where there is one,
 WORD, WORDS_MAX, CONTEXT = 0.5, 0.8, 0.2
 # Nouns that make a keyword's name the name of a place or a business ("거북선횟집", "경복궁역"); not for foods,
 # whose restaurants still serve them.
-PLACES = ("역", "시장", "식당", "횟집", "다방", "아파트", "학교", "대학교", "은행", "호텔", "경찰서", "병원", "대교", "터미널")
+PLACES = ("역", "시장", "식당", "횟집", "갈비집", "고깃집", "다방", "회관", "상회", "마트", "슈퍼", "약국", "여관",
+          "모텔", "노래방", "아파트", "빌라", "학교", "초등학교", "중학교", "고등학교", "대학교", "은행", "호텔", "경찰서",
+          "병원", "대교", "터미널", "정류장", "정거장")
 MAX_CHARS = 4000  # the analysis reads this much of a text; the service caps prompts at 1000 characters anyway
 ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff]")  # syllables and jamo
