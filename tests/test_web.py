@@ -114,12 +114,12 @@ def test_gimjang_day_to_a_png_with_details_and_screenshot(page, screenshot):
     assert page.is_hidden("#progress")
     image = image_of(page)
     assert image.size == (SIZE, SIZE) and image.format == "PNG"  # generate.width/height of the served params
-    alt = page.get_attribute("#picture", "alt")
-    assert alt.startswith("A realistic photo of Gimjang Tradition")
+    # the alt text is in the page's language: the topic and the senior's own words
+    assert page.get_attribute("#picture", "alt") == "김장 그림: 김장하는 날"
     assert page.evaluate("document.activeElement.id") == "result-title"
 
     page.click("#result summary")
-    assert page.inner_text("#refined") == alt
+    assert page.inner_text("#refined").startswith("A realistic photo of Gimjang Tradition")
     assert page.inner_text("#used-keyword") == "김장 (Gimjang)"
     seed = page.inner_text("#used-seed")
     screenshot.parent.mkdir(exist_ok=True)
@@ -197,6 +197,19 @@ def test_an_unsure_route_asks_and_the_chip_confirms(page):
     page.wait_for_selector("#result:not([hidden])", timeout=120_000)
     assert sent[-1] == {"prompt": "차례", "keywords": ["charye"]}
     assert page.text_content("#used-keyword") == "차례 (Chuseok Charye)"
+
+
+def test_on_a_desktop_screen_the_picture_and_its_save_button_are_in_view(page):
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.fill("#prompt", "송편 빚던 추석")
+    page.click("#make")
+    page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+    for part in ("#result-title", "#picture", "#save"):
+        box = page.locator(part).bounding_box()
+        assert box["y"] >= 0 and box["y"] + box["height"] <= 800, (part, box)
+    assert page.locator("#picture").bounding_box()["height"] >= 300  # large, not a thumbnail
+    page.click("#lang")  # the alt text follows the language
+    assert page.get_attribute("#picture", "alt") == "Picture of Songpyeon: 송편 빚던 추석"
 
 
 def pressed(page) -> list[str]:

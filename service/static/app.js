@@ -19,6 +19,7 @@ const TEXT = {
     routeAlso: (names) => `${names}도 알아들었지만, 한 번에 한 주제만 그려요.`,
     routePicked: (names) => `${names}도 고르셨지만, 한 번에 한 주제만 그려요.`,
     routeFull: (n) => `주제는 ${n}가지까지 고를 수 있어요.`,
+    alt: (words, kw) => `${kw ? `${kw.ko} 그림` : "그림"}: ${words}`,
     privacy: "적어 주신 글과 만든 그림은 보여 드린 뒤 어디에도 남기지 않아요.",
     errors: {
       empty: "떠올리고 싶은 장면을 먼저 적어 주세요.",
@@ -49,6 +50,7 @@ const TEXT = {
     routeAlso: (names) => `I also noticed ${names}, but I draw one topic at a time.`,
     routePicked: (names) => `You also chose ${names}, but I draw one topic at a time.`,
     routeFull: (n) => `You can choose up to ${n} topics.`,
+    alt: (words, kw) => `${kw ? `Picture of ${kw.keyword}` : "Picture"}: ${words}`,
     privacy: "What you write and the pictures made from it are not kept anywhere after they are shown to you.",
     errors: {
       empty: "Please write the scene you want to recall first.",
@@ -70,6 +72,7 @@ const NO_TOPIC = "prompt: no topic was recognised";  // the service's words for 
 let picked = null;  // the keywords the senior chose with the chips, sent as `keywords`; null: follow the hint
 let maxKeywords = 3;  // the service's generate.max_keywords, from /keywords
 let lastPrompt = "";
+let lastResult = null;  // the picture shown: its alt text follows the page's language
 let working = false;
 let pending = null;  // the action to retry once the access key is entered
 
@@ -141,6 +144,13 @@ function applyLang() {
   renderChips();
   renderRoute();
   showError($("error").dataset.kind);
+  if (lastResult) describePicture(lastResult);
+}
+
+// The picture's alt text, in the page's language: its topic and the senior's own words (the English prompt
+// SDXL read is under "자세히 보기").
+function describePicture(out) {
+  $("picture").alt = t("alt")(out.original, byslug(out.keyword));
 }
 
 function renderChips() {
@@ -282,7 +292,8 @@ function showResult(out) {
   const url = `data:image/png;base64,${out.images[0]}`;
   const img = $("picture");
   img.src = url;
-  img.alt = out.prompt;
+  lastResult = out;
+  describePicture(out);
   img.width = out.width;
   img.height = out.height;
   $("save").href = url;
@@ -293,7 +304,9 @@ function showResult(out) {
   $("used-seed").textContent = String(out.seed);
   $("result").hidden = false;
   $("progress-text").textContent = t("done");
-  $("result-title").focus();
+  // the whole result in view, the save button included (a 1280x800 screen), then focus on its title
+  $("result").scrollIntoView({ block: "start" });
+  $("result-title").focus({ preventScroll: true });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
