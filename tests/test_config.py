@@ -135,3 +135,19 @@ def test_each_stage_declares_the_params_it_reads(root):
             for part in key.replace("${profile}", profile).split("."):
                 assert isinstance(node, dict) and part in node, f"{key} is not in params.yaml for {profile}"
                 node = node[part]
+
+
+@pytest.mark.parametrize("extra, key, value", [
+    ({"train": {"steps": 25}}, "train.steps", "=25"),  # what `dvc exp run -S train.steps=25` writes
+    ({"generate": {"steps": 5, "guidance": 3.0}}, "generate", "=..."),
+])
+def test_a_profile_setting_at_the_top_level_names_the_key_that_works(root, extra, key, value, monkeypatch):
+    monkeypatch.delenv("TIPSEN_PROFILE", raising=False)
+    raw = {**yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")), **extra}
+    profile = raw["profile"]
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    assert str(info.value) == (f"params.yaml: {key}: a profile's setting given at the top level; set "
+                               f"profiles.{profile}.{key} instead (dvc exp run -S profiles.{profile}.{key}{value})")
+    with pytest.raises(ConfigError, match="unknown top-level key 'colour'; allowed: profile, keywords, profiles"):
+        parse_params({**{k: v for k, v in raw.items() if k not in extra}, "colour": 1})

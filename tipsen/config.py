@@ -314,13 +314,13 @@ def parse_params(raw: Any, *, source: str = PARAMS_FILE, profile: str | None = N
     if not isinstance(raw, dict):
         got = "nothing" if raw is None else f"a {type(raw).__name__}"
         raise ConfigError(f"{source}: expected a mapping with 'profile' and 'profiles', got {got}")
-    unknown = sorted(set(raw) - {"profile", "keywords", "profiles"})
-    if unknown:
-        raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r}; allowed: profile, keywords, profiles")
+    unknown = sorted(set(raw) - {"profile", "keywords", "profiles"}, key=str)
     profiles = raw.get("profiles")
+    name = profile or os.environ.get("TIPSEN_PROFILE") or raw.get("profile")
+    if unknown:
+        raise ConfigError(f"{source}: {_misplaced(unknown[0], raw[unknown[0]], name)}")
     if not isinstance(profiles, dict) or not profiles:
         raise ConfigError(f"{source}: 'profiles' must map profile names to their sections")
-    name = profile or os.environ.get("TIPSEN_PROFILE") or raw.get("profile")
     if name not in profiles:
         raise ConfigError(f"{source}: profile {name!r} is not defined; allowed: {', '.join(sorted(profiles))}")
     body = profiles[name] or {}
@@ -335,6 +335,22 @@ def parse_params(raw: Any, *, source: str = PARAMS_FILE, profile: str | None = N
         top = err["loc"][:1] == ("keywords",)
         msg = describe(err, prefix="" if top else f"profiles.{name}", allowed=_allowed_keys(Params, err["loc"]))
         raise ConfigError(f"{source}: {msg}") from None
+
+
+def _misplaced(key: Any, value: Any, profile: Any) -> str:
+    """The message for an unknown top-level key. A section's key there is what `dvc exp run -S train.steps=25`
+    writes (and DVC's `+train.steps` hint): name the key that works, under the active profile."""
+    path, leaf = [str(key)], value
+    while isinstance(leaf, dict) and len(leaf) == 1:  # train: {steps: 25} -> train.steps
+        (k, leaf), = leaf.items()
+        path.append(str(k))
+    dotted = ".".join(path)
+    if dotted.split(".")[0] not in Params.model_fields or not isinstance(profile, str):
+        return f"unknown top-level key {key!r}; allowed: profile, keywords, profiles"
+    where = f"profiles.{profile}.{dotted}"
+    shown = f"={leaf}" if not isinstance(leaf, (dict, list)) else ""
+    return (f"{dotted}: a profile's setting given at the top level; set {where} instead "
+            f"(dvc exp run -S {where}{shown or '=...'})")
 
 
 class _StrictLoader(yaml.SafeLoader):
