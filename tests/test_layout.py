@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("tipsen", "flows", "service")
@@ -69,13 +72,53 @@ def test_one_definition_of_each_rule():
 def test_core_packages_are_pinned_and_the_image_decoder_is_patched():
     import tomllib
 
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    deps = _declared()
     spec = {re.split(r"[=<>!~]", d, maxsplit=1)[0].strip().lower(): d for d in deps}
     for name in ("torch", "torchvision", "diffusers", "peft", "transformers", "safetensors", "open_clip_torch",
                  "bentoml", "prefect", "dvc"):
         assert "==" in spec[name], spec[name]  # the model and serving stack moves only on purpose
     floor = re.search(r">=\s*([\d.]+)", spec["pillow"]).group(1)
     assert tuple(map(int, floor.split("."))) >= (13, 0, 0)  # curation decodes untrusted images
+
+
+def _declared() -> list[str]:
+    """Every requirement pyproject.toml declares, the core's and each extra's, less the extras' self-references."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = [d for group in project["optional-dependencies"].values() for d in group]
+    return [d for d in [*project["dependencies"], *extras] if not d.startswith("tipsen[")]
+
+
+def test_every_imported_package_is_declared_in_its_extra():
+    """A third-party module imported by tipsen/, service/ or flows/ belongs to a distribution pyproject declares:
+    the core for tipsen/ (bar the lazily imported dvc, bentoml and prefect), the serve extra for service/, and
+    the flows extra for flows/."""
+    import importlib.metadata
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    names = lambda group: {_canonical(re.split(r"[=<>!~;\[\s]", d, maxsplit=1)[0]) for d in group}  # noqa: E731
+    core, extras = names(project["dependencies"]), project["optional-dependencies"]
+    allowed = {"tipsen": core | names(extras["dvc"]), "service": core | names(extras["serve"]),
+               "flows": core | names(extras["flows"])}
+    dists = importlib.metadata.packages_distributions()
+    missing = []
+    for folder, ok in allowed.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    mods = [a.name.split(".")[0] for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    mods = [node.module.split(".")[0]]
+                else:
+                    continue
+                for mod in mods:
+                    if mod in sys.stdlib_module_names or mod in ("tipsen", "service", "flows"):
+                        continue
+                    if not {_canonical(d) for d in dists.get(mod, [mod])} & ok:
+                        missing.append(f"{path.relative_to(ROOT)} imports {mod}")
+    assert not missing, sorted(set(missing))
 
 
 def _canonical(name: str) -> str:
@@ -91,8 +134,7 @@ def test_the_service_image_pins_what_pyproject_pins():
     and the image decoder's floor holds there too."""
     import tomllib
 
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
-    pinned = {_canonical(d.split("==")[0]): d.split("#")[0].strip() for d in deps if "==" in d}
+    pinned = {_canonical(d.split("==")[0]): d.split("#")[0].strip() for d in _declared() if "==" in d}
     service = {}
     for line in (ROOT / "service" / "requirements.txt").read_text(encoding="utf-8").splitlines():
         line = line.split("#")[0].strip()
@@ -118,10 +160,21 @@ def test_the_lock_pins_each_package_once_and_agrees_with_pyproject():
         assert name not in locked, f"requirements.lock: {name} twice"
         locked[name] = found[2]
     assert "tipsen" not in locked and "pip" not in locked  # the project is installed on top, --no-deps
-    for dep in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+    assert project["optional-dependencies"]["test"][0] == "tipsen[serve,dvc,flows]"  # make test installs it all
+    for dep in _declared():
         name = _canonical(re.split(r"[=<>!~;\[\s]", dep, maxsplit=1)[0])
         assert name in locked, f"{dep!r} is not in requirements.lock; run make lock"
         for op, bound in re.findall(r"(==|>=|<)\s*([\d.]+)", dep.split("#")[0]):
             have, want = locked[name], bound
             ok = {"==": have == want, ">=": _release(have) >= _release(want), "<": _release(have) < _release(want)}[op]
             assert ok, f"pyproject.toml wants {dep!r}; requirements.lock has {name}=={have}; run make lock"
+
+
+def test_a_missing_extra_is_one_line_naming_it():
+    from tipsen.errors import ConfigError, require
+
+    require("yaml", "serve", what="serve")  # installed: nothing to say
+    with pytest.raises(ConfigError) as info:
+        require("no_such_module_for_tipsen", "serve", what="serve")
+    assert str(info.value) == ("serve: needs no_such_module_for_tipsen, which this installation lacks; install it "
+                               "with pip install 'tipsen[serve]'")

@@ -45,3 +45,12 @@ def describe(err: Mapping[str, Any], *, prefix: str = "", allowed: Iterable[str]
 def first_error(exc: ValidationError, **kw: Any) -> str:
     """The first error of a ValidationError, formatted by `describe`."""
     return describe(exc.errors()[0], **kw)
+
+
+def require(module: str, extra: str, *, what: str) -> None:
+    """A ConfigError naming the extra to install when `module` (of an optional part of tipsen) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{what}: needs {module}, which this installation lacks; install it with "
+                          f"pip install 'tipsen[{extra}]'")

@@ -20,7 +20,7 @@ from tipsen import paths
 from tipsen import train_data as td
 from tipsen.bank import WEIGHTS_NAME, Bank, adapter_metadata, build_bank
 from tipsen.config import Params
-from tipsen.errors import ConfigError
+from tipsen.errors import ConfigError, require
 from tipsen.io import publish_dir, sha256_file, sha256_json, write_json_atomic
 from tipsen.registry import Registry
 
@@ -197,6 +197,7 @@ def _dvc(root: Path, *args: str) -> str:
 def record_lineage(root: Path, outputs: list[Path], *, downstream_of: Path | None = None) -> dict:
     """Record in dvc.lock the outputs this run wrote (`dvc commit` of the stages owning them), then rerun what is
     stale downstream of `downstream_of` (`dvc repro --downstream`, e.g. an evaluate stage after the bank)."""
+    require("dvc", "dvc", what="recording the retrained outputs in dvc.lock")
     from dvc.exceptions import NoOutputOrStageError
     from dvc.repo import Repo
     from dvc.stage import PipelineStage

@@ -16,7 +16,7 @@ from pathlib import Path
 from tipsen import paths
 from tipsen.bank import Bank
 from tipsen.config import load_params
-from tipsen.errors import ConfigError
+from tipsen.errors import ConfigError, require
 
 ROOT = paths.ROOT
 SERVICE = "service.service:Tipsen"
@@ -67,6 +67,7 @@ def check_bind(host: str, port: int) -> None:
 def run(args) -> int:
     params = load_params(args.params, profile=args.profile)
     params.log()
+    require("bentoml", "serve", what="serve")
     if not (ROOT / "service" / "service.py").is_file():
         raise ConfigError(f"serve: {ROOT / 'service'} not found; run 'tipsen serve' from a source checkout")
     if not 0 < args.port < 65536:
