@@ -1,6 +1,7 @@
-"""ASGI middleware of the tipsen service: one JSON error shape, and a guard in front of BentoML's app.
+"""ASGI middleware of the tipsen service: the public API documents, one JSON error shape, and a guard in front of
+BentoML's app.
 
-Order, outermost first: ErrorShape -> Guard -> BentoML's app. The guard checks, in this order: the Host header
+Order, outermost first: PublicDocument -> ErrorShape -> Guard -> BentoML's app. The guard checks, in this order: the Host header
 (DNS rebinding), private routes, bearer auth, the client's share of requests, the content type (JSON only: a web
 page cannot post JSON to another origin without asking), and the body (its size, its deadline and its rate). Only a
 request read whole counts against `service.max_concurrency`, so slow senders hold no slot. Errors are JSON
@@ -281,3 +282,91 @@ class ErrorShape:
             return
         extra = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
         await send_json(send, start["status"], body, extra)
+
+
+def public_document(spec: dict, private: frozenset[str]) -> dict:
+    """BentoML's OpenAPI 3.0 document as clients may rely on it: without the private routes and the schemas only
+    they use, and with pydantic's `anyOf [X, {type: null}]` (OpenAPI 3.1) written as 3.0's `nullable: true`."""
+    spec = {**spec, "paths": {p: v for p, v in spec.get("paths", {}).items() if p not in private}}
+
+    def nullable(node):
+        if isinstance(node, list):
+            return [nullable(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        node = {k: nullable(v) for k, v in node.items()}
+        branches = node.get("anyOf")
+        if isinstance(branches, list) and {"type": "null"} in branches:
+            rest = [b for b in branches if b != {"type": "null"}]
+            node.pop("anyOf")
+            if len(rest) == 1 and "$ref" not in rest[0]:
+                node.update(rest[0])
+            else:  # a $ref takes no siblings in 3.0: wrap it
+                node["anyOf" if len(rest) > 1 else "allOf"] = rest
+            node["nullable"] = True
+        return node
+
+    spec = nullable(spec)
+    schemas = spec.get("components", {}).get("schemas", {})
+    used: set[str] = set()
+
+    def refs(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+                name = ref.rsplit("/", 1)[1]
+                if name not in used and name in schemas:
+                    used.add(name)
+                    refs(schemas[name])
+            for value in node.values():
+                refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                refs(value)
+
+    refs({k: v for k, v in spec.items() if k != "components"})
+    if schemas:
+        spec["components"] = {**spec["components"], "schemas": {k: v for k, v in schemas.items() if k in used}}
+    return spec
+
+
+def public_schema(schema: dict, private: frozenset[str]) -> dict:
+    """BentoML's /schema.json (what its clients build their methods from) without the private routes."""
+    return {**schema, "routes": [r for r in schema.get("routes", []) if r.get("route") not in private],
+            "paths": {p: v for p, v in schema.get("paths", {}).items() if p not in private}}
+
+
+class PublicDocument:
+    """Serves GET /docs.json and /schema.json without the private routes (`public_document`, `public_schema`):
+    BentoML builds both from every API; clients, and the clients generated from them, see only the public ones.
+    The service's own calls to its batch API use the service object, not these documents."""
+
+    EDITS = {"/docs.json": public_document, "/schema.json": public_schema}
+
+    def __init__(self, app, *, private: frozenset[str]):
+        self.app, self.private = app, private
+
+    async def __call__(self, scope, receive, send):
+        edit = self.EDITS.get(scope.get("path")) if scope["type"] == "http" and scope["method"] == "GET" else None
+        if edit is None:
+            return await self.app(scope, receive, send)
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def capture(msg):
+            nonlocal start
+            if msg["type"] == "http.response.start":
+                if msg["status"] != 200:
+                    return await send(msg)
+                start = msg
+                return
+            if start is None:
+                return await send(msg)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                spec = edit(json.loads(b"".join(chunks)), self.private)
+                extra = [(k, v) for k, v in start.get("headers", [])
+                         if k.lower() not in (b"content-type", b"content-length")]
+                await send_json(send, 200, spec, extra)
+
+        await self.app(scope, receive, capture)

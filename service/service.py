@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from service.middleware import INTERNAL_HEADER, INTERNAL_TOKEN, ErrorShape, Guard, one_line
+from service.middleware import INTERNAL_HEADER, INTERNAL_TOKEN, ErrorShape, Guard, PublicDocument, one_line
 from tipsen import paths, privacy
 from tipsen.assistant import Refinement
 from tipsen.config import Seed, Slug, load_params
@@ -388,5 +388,7 @@ class Tipsen:
                         confidence=route.confidence, also=list(route.also), ask=list(route.ask))
 
 
+PRIVATE = frozenset({"/generate_batch"})  # the service's own batch route: refused to clients, left out of /docs.json
+Tipsen.add_asgi_middleware(PublicDocument, private=PRIVATE)
 Tipsen.add_asgi_middleware(ErrorShape)
-Tipsen.add_asgi_middleware(Guard, service=SVC, private=frozenset({"/generate_batch"}))
+Tipsen.add_asgi_middleware(Guard, service=SVC, private=PRIVATE)
