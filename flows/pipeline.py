@@ -9,13 +9,15 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from flows import tasks
+from flows import hooks, tasks
 from tipsen import paths
 
 RAW, CURATED, LORAS, METRICS, REPORTS = map(str, (paths.RAW, paths.CURATED, paths.LORAS, paths.METRICS, paths.REPORTS))
 CANDIDATES = str(paths.CANDIDATES)  # retrain's candidates: loras/<slug>, bank.json, metrics/train/<slug>.csv
 PARAMS = str(paths.PARAMS)
-FLOW = dict(persist_result=True, result_serializer="json")
+# JSON results; a failed or crashed run is recorded and announced (flows/hooks.py)
+FLOW = dict(persist_result=True, result_serializer="json", on_failure=[hooks.record_failure],
+            on_crashed=[hooks.record_failure])
 
 
 @flow(name="curate", **FLOW)
@@ -23,7 +25,7 @@ def curate_flow(raw: str = RAW, out: str = CURATED, params_file: str = PARAMS, p
                 metrics: str | None = METRICS) -> dict:
     """Curate a raw KS-KEIT export into the training set (the DVC stage `curate`)."""
     params = tasks.config(params_file, profile)
-    return tasks.curate_data(params, raw, out, metrics)
+    return tasks.curate_data.with_options(timeout_seconds=params.flows.curate_timeout_s)(params, raw, out, metrics)
 
 
 @flow(name="train-keyword", **FLOW)
@@ -55,6 +57,7 @@ def train_flow(keywords: list[str] | None = None, data: str = CURATED, loras: st
                                                     metrics=metrics)) for s in slugs}
         report = tasks.train_report(futures)
     report["bank"] = tasks.index_bank(params, loras, bank or str(paths.bank_beside(loras)))
+    tasks.training_artifact(report)
     return report
 
 
@@ -64,7 +67,8 @@ def evaluate_flow(curated: str = CURATED, bank: str | None = None, keywords: lis
                   reports: str = REPORTS) -> dict:
     """The paper's evaluation table for the bank (the DVC stage `evaluate`)."""
     params = tasks.config(params_file, profile)
-    return tasks.evaluate_bank(params, curated, bank or str(paths.BANK), metrics, reports, keywords)
+    evaluate = tasks.evaluate_bank.with_options(timeout_seconds=params.flows.evaluate_timeout_s)
+    return evaluate(params, curated, bank or str(paths.BANK), metrics, reports, keywords)
 
 
 @flow(name="retrain", **FLOW)
@@ -78,7 +82,8 @@ def retrain_flow(raw: str = RAW, curated: str = CURATED, loras: str = LORAS, ban
     raw_changes = tasks.detect_raw_changes(params, raw, state)
     if not raw_changes["changed"]:
         return {"changed_raw": [], "note": "no new or changed raw items since the last run"}
-    report = {"changed_raw": raw_changes["changed"], "curate": tasks.curate_data(params, raw, curated, metrics)}
+    curate = tasks.curate_data.with_options(timeout_seconds=params.flows.curate_timeout_s)
+    report = {"changed_raw": raw_changes["changed"], "curate": curate(params, raw, curated, metrics)}
     data = tasks.outdated_adapters(params, curated, loras, state)
     report.update(changed_curated=data["changed"], outdated=data["outdated"])
     failed, promoted = [], []

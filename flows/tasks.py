@@ -5,10 +5,12 @@ never pickles. A task that writes files is never cached: a cache hit must not st
 """
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
@@ -82,8 +84,10 @@ def train_keyword(params: Params, slug: str, data: str, out: str, metrics: str |
 
 
 def with_retries(t, flows: FlowsParams):
-    """`t` with the retry count and exponential backoff of params.flows (the decorator holds the defaults)."""
-    return t.with_options(retries=flows.retries, retry_delay_seconds=exponential_backoff(flows.retry_delay_s))
+    """`t` with the retry count, exponential backoff and training timeout of params.flows (the decorator holds
+    the defaults). A timed-out attempt is retried like any other transient failure, up to flows.retries."""
+    return t.with_options(retries=flows.retries, retry_delay_seconds=exponential_backoff(flows.retry_delay_s),
+                          timeout_seconds=flows.train_timeout_s)
 
 
 @task(name="train-on-pool", task_run_name="pool-{slug}", cache_policy=NO_CACHE, **JSON)
@@ -112,6 +116,32 @@ def train_report(futures: dict[str, PrefectFuture]) -> dict:
     return report
 
 
+def training_artifact(report: dict) -> str:
+    """The training summary in the Prefect UI: a Markdown table, one row per keyword. Returns the artifact's id."""
+    rows = ["| keyword | status | steps | final loss | time (s) | note |", "| --- | --- | --- | --- | --- | --- |"]
+    for slug, run in report["runs"].items():
+        if run["status"] == "trained":
+            rows.append(f"| {slug} | trained | {run['steps']} | {run['final_loss']:.4f} | {run['wall_time_s']:.1f} "
+                        f"| {run['reason']} |")
+        else:
+            rows.append(f"| {slug} | {run['status']} | | | | same data and params |")
+    for slug, why in report["failed"].items():
+        rows.append(f"| {slug} | failed | | | | {(why.splitlines() or [''])[0][:200]} |")
+    return str(create_markdown_artifact(key="training-summary", markdown="\n".join(rows),
+                                        description="train: one row per keyword"))
+
+
+def evaluation_artifacts(metrics: str, reports: str) -> list[str]:
+    """The evaluation in the Prefect UI: Table II as Markdown (reports/eval_table.md) and the per-keyword scores as
+    a table artifact (metrics/per_keyword.csv). Returns the artifacts' ids."""
+    table = (Path(reports) / "eval_table.md").read_text(encoding="utf-8")
+    with open(Path(metrics) / "per_keyword.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [str(create_markdown_artifact(key="evaluation-table", markdown=table, description="evaluate: Table II")),
+            str(create_table_artifact(key="per-keyword-scores", table=rows,
+                                      description="evaluate: every keyword's score per method"))]
+
+
 @task(name="bank", cache_policy=NO_CACHE, **JSON)
 def index_bank(params: Params, loras: str, bank: str) -> dict:
     """Index the profile's adapters under `loras` into `bank`, atomically (tipsen.bank.build_bank). When no keyword
@@ -131,8 +161,10 @@ def index_bank(params: Params, loras: str, bank: str) -> dict:
 def evaluate_bank(params: Params, curated: str, bank: str, metrics: str, reports: str,
                   keywords: list[str] | None) -> dict:
     """The evaluation table and metrics for the bank (tipsen.evaluate.evaluate); returns eval.json."""
-    return evaluation.evaluate(params, curated=Path(curated), bank=Path(bank), metrics_dir=Path(metrics),
-                               reports_dir=Path(reports), keywords=keywords)
+    result = evaluation.evaluate(params, curated=Path(curated), bank=Path(bank), metrics_dir=Path(metrics),
+                                 reports_dir=Path(reports), keywords=keywords)
+    evaluation_artifacts(metrics, reports)
+    return result
 
 
 @task(name="score-adapter", task_run_name="score-{slug}", cache_policy=INPUTS + TASK_SOURCE, **JSON)

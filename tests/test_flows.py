@@ -1,7 +1,8 @@
 """Prefect flows against a real temporary Prefect API (SQLite), on the demo profile with 2 keywords and 4 steps.
 
-The flows run the real tipsen stages on tiny models. Two failures are injected because they cannot be produced
-naturally here (a transient OSError, and scores that order two tiny random adapters); each says so.
+The flows run the real tipsen stages on tiny models. Three failures are injected because they cannot be produced
+naturally here (a transient OSError, a training step that never returns, and scores that order two tiny random
+adapters); each says so.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,8 @@ def write_params(path: Path, **flows) -> Path:
         "eval": {"images_per_keyword": 2, "real_images": 2, "bootstrap": 20, "grid_keywords": 2, "methods": [
             {"name": "SDXL (tiny)", "base": "tiny:sdxl", "steps": 2},
             {"name": "SDXL+LoRA (tiny)", "base": "tiny:sdxl", "lora": True, "steps": 2}]},
-        "flows": {"retry_delay_s": 0, "train_concurrency": 2, **flows},
+        "flows": {"retry_delay_s": 0, "train_concurrency": 2, "failed_runs": str(path.parent / "failed_runs.jsonl"),
+                  **flows},
     }, keywords=KEYWORDS)
 
 
@@ -237,6 +241,99 @@ def test_evaluate_flow_scores_the_bank(workspace, trained):
     assert all(m["status"] == "ok" for m in result["methods"].values())
     assert json.loads((workspace / "metrics" / "eval.json").read_text())["methods"] == result["methods"]
     assert (workspace / "reports" / "eval_table.md").is_file()
+
+
+def artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return max(found, key=lambda a: a.created)  # the latest version of the key
+
+
+def test_training_and_evaluation_are_artifacts_in_the_ui(workspace, trained):
+    from flows.pipeline import evaluate_flow
+
+    summary = artifact("training-summary")
+    assert summary.type == "markdown" and summary.data.startswith("| keyword | status | steps | final loss |")
+    for slug in KEYWORDS:
+        assert f"| {slug} | " in summary.data
+    assert f"| {MISSING} | failed | | | | ConfigError: " in summary.data
+    evaluate_flow(curated=str(workspace / "curated"), bank=str(workspace / "models" / "bank.json"),
+                  params_file=str(workspace / "params.yaml"), metrics=str(workspace / "metrics"),
+                  reports=str(workspace / "reports"))
+    table = artifact("evaluation-table")
+    assert table.type == "markdown" and table.data == (workspace / "reports" / "eval_table.md").read_text()
+    scores = artifact("per-keyword-scores")
+    rows = json.loads(scores.data) if isinstance(scores.data, str) else scores.data
+    assert scores.type == "table" and {r["keyword"] for r in rows} == set(KEYWORDS)
+    assert {r["method"] for r in rows} == {"SDXL (tiny)", "SDXL+LoRA (tiny)"}
+
+
+class _Hook(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.server.calls.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failed_run_is_recorded_and_announced_through_a_webhook_block(workspace, tmp_path):
+    """A real Prefect Webhook block, saved in the test API, calling an HTTP server on 127.0.0.1."""
+    import socket
+
+    from prefect.blocks.webhook import Webhook
+
+    from flows.pipeline import train_keyword_flow
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    server.calls = []
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        Webhook(url=f"http://127.0.0.1:{server.server_address[1]}/hook", allow_private_urls=True).save(
+            "tipsen-test-hook", overwrite=True)
+        params = write_params(tmp_path / "params.yaml", notify_block="tipsen-test-hook")
+        state = train_keyword_flow(MISSING, data=str(workspace / "curated"), loras=str(tmp_path / "loras"),
+                                   params_file=str(params), metrics=None, return_state=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert state.is_failed()
+    (record,) = [json.loads(line) for line in (tmp_path / "failed_runs.jsonl").read_text().splitlines()]
+    assert (record["flow"], record["state"], record["parameters"]) == ("train-keyword", "Failed", {"slug": MISSING})
+    assert "metadata.jsonl not found" in record["message"] and str(tmp_path) not in json.dumps(record["parameters"])
+    assert server.calls == [record]  # announced, with the same record
+    with socket.socket() as s:  # a webhook that cannot be reached: logged, and the failure is still recorded
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    Webhook(url=f"http://127.0.0.1:{dead}/hook", allow_private_urls=True).save("tipsen-test-hook", overwrite=True)
+    again = train_keyword_flow(MISSING, data=str(workspace / "curated"), loras=str(tmp_path / "loras"),
+                               params_file=str(params), metrics=None, return_state=True)
+    assert again.is_failed() and len((tmp_path / "failed_runs.jsonl").read_text().splitlines()) == 2
+    assert any(m.startswith("could not notify through the webhook block 'tipsen-test-hook': ConnectError")
+               for m in logs_of(again.state_details.flow_run_id))  # in the run's own log, in the UI
+
+
+def test_a_hung_training_step_times_out(workspace, curated, tmp_path, monkeypatch):
+    import tipsen.train
+    from flows.pipeline import train_keyword_flow
+
+    # Injected: training that never finishes (a stalled data loader, a wedged device) cannot be produced on demand.
+    # Like a training loop it runs step after step, where Prefect's timeout can stop it (a single blocking call in
+    # a worker thread would only be failed once it returned).
+    def stalled(*args, **kwargs):
+        for _ in range(6000):
+            time.sleep(0.1)
+
+    monkeypatch.setattr(tipsen.train, "train", stalled)
+    params = write_params(tmp_path / "params.yaml", train_timeout_s=1, retries=0)
+    state = train_keyword_flow(KEYWORDS[0], data=str(workspace / "curated"), loras=str(tmp_path / "loras"),
+                               params_file=str(params), metrics=None, return_state=True)
+    assert state.is_failed() and "timed out" in state.message.lower(), state.message
 
 
 def test_results_are_persisted_as_json(prefect_api, trained):

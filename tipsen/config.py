@@ -228,6 +228,12 @@ class FlowsParams(Section):
     retrain_cron: str = Field("0 3 * * 1", pattern=r"^\s*(\S+\s+){4}\S+\s*$")  # weekly, Monday 03:00
     retrain_timezone: str = "Asia/Seoul"  # the IANA time zone retrain_cron is read in (03:00 in Korea)
     promotion_margin: float = Field(0.01, ge=0.0, le=1.0)  # a candidate may score this much below the current
+    failed_runs: str = Field("models/failed_runs.jsonl", min_length=1)  # a line per failed or crashed flow run
+    notify_block: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")  # a saved Prefect Webhook block
+    # Task timeouts (s): a hung step fails its run (and its keyword, for training) instead of holding a worker
+    train_timeout_s: float = Field(6 * 3600, gt=0, le=7 * 86400)
+    curate_timeout_s: float = Field(2 * 3600, gt=0, le=7 * 86400)
+    evaluate_timeout_s: float = Field(12 * 3600, gt=0, le=7 * 86400)
 
     @field_validator("retrain_timezone")
     @classmethod

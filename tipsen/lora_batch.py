@@ -41,27 +41,37 @@ def lora_layers(modules) -> list:
 
 
 class _QuietMissingKeys(logging.Filter):
-    """diffusers warns for every text encoder an adapter has no keys for: expected here, 2 lines per adapter.
-    Shown when tipsen logs at DEBUG (`tipsen ... -v`)."""
+    """diffusers warns for every text encoder an adapter has no keys for: expected here, 2 lines per adapter."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "No LoRA keys associated to" not in record.getMessage() or log.isEnabledFor(logging.DEBUG)
+        return "No LoRA keys associated to" not in record.getMessage()
 
 
-def load_adapters(pipe, bank: Bank, known: set[str]) -> dict[str, str | None]:
-    """Load every verified adapter of `bank` under its slug; {slug: None if loaded, else why not}."""
+@contextmanager
+def expected_warnings_quiet():
+    """Loading UNet-only adapters, several into one model: diffusers' "No LoRA keys associated to CLIPTextModel"
+    and peft's "Already found a `peft_config`" are expected, so they are kept quiet unless tipsen logs at DEBUG
+    (`tipsen ... -v`)."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
     quiet = _QuietMissingKeys()
     loggers = [logging.getLogger(n) for n in ("diffusers.loaders.lora_base", "diffusers.loaders.peft")]
     for logger in loggers:
         logger.addFilter(quiet)
     try:
         with warnings.catch_warnings():
-            if not log.isEnabledFor(logging.DEBUG):  # many adapters in one model is the point
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            status = {entry.slug: _load_one(pipe, bank, entry, known) for entry in bank}
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
     finally:
         for logger in loggers:
             logger.removeFilter(quiet)
+
+
+def load_adapters(pipe, bank: Bank, known: set[str]) -> dict[str, str | None]:
+    """Load every verified adapter of `bank` under its slug; {slug: None if loaded, else why not}."""
+    with expected_warnings_quiet():
+        status = {entry.slug: _load_one(pipe, bank, entry, known) for entry in bank}
     for layer in lora_layers(components(pipe)):
         # No adapter is ever active: a LoRA applies only through per-sample names or fusion, so a layer
         # that a fused adapter does not cover cannot pick up whichever adapter diffusers activated last.

@@ -27,6 +27,7 @@ from tipsen.bank import META_PREFIX, SUMMARY_NAME, WEIGHTS_NAME
 from tipsen.config import Params, TrainParams, load_params
 from tipsen.errors import ConfigError
 from tipsen.io import exclusive, publish_dir, sha256_json, sweep_stale, write_text_atomic
+from tipsen.lora_batch import expected_warnings_quiet
 from tipsen.models import load_pipeline, resolve_device
 from tipsen.registry import Keyword, Registry
 
@@ -265,7 +266,8 @@ def validation_grid(params: Params, kw: Keyword, weights: Path):
                   width=cfg.resolution, guidance_scale=VALIDATION_GUIDANCE)
     with torch.no_grad():
         base = pipe(generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **kwargs).images
-        pipe.load_lora_weights(str(weights), use_safetensors=True)  # the published file, through the stock loader
+        with expected_warnings_quiet():  # the published file, through the stock loader
+            pipe.load_lora_weights(str(weights), use_safetensors=True)
         tuned = pipe(generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **kwargs).images
     r = cfg.resolution
     grid = Image.new("RGB", (r * len(seeds), 2 * r))
