@@ -122,3 +122,10 @@ def test_place_suffixes_are_nouns():
 def test_business_names_are_not_keywords(registry):
     assert registry.route("아들이 강강술래 갈비집에서 칠순 잔치를 열어 줬어요").slug is None
     assert registry.route("신혼여행으로 불국사에 갔었어요").slug == "bulguksa"
+
+
+def test_a_name_in_a_simile_is_only_a_question(registry):
+    simile = registry.route("방이 추워서 이불을 김밥처럼 둘둘 말고 잤어요")  # rolled up like kimbap
+    assert (simile.slug, simile.ask, simile.unsure) == (None, ("kimbap",), True)
+    assert registry.route("연탄같이 까만 얼굴").slug is None
+    assert registry.route("소풍 가서 김밥 먹었지").slug == "kimbap"

@@ -34,6 +34,7 @@ MAX_CHARS = 4000  # the analysis reads this much of a text; the service caps pro
 ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff]")  # syllables and jamo
 LATIN_WORD = re.compile(r"[a-z0-9]+")
+COMPARISONS = ("처럼", "같이", "만큼", "마냥")
 NOT_CONTENT = ("J", "E", "S", "VCP", "VCN")  # particles, endings, punctuation, the copula: what a name may drop
 _lock = threading.Lock()
 
@@ -73,6 +74,7 @@ class Morph:
     common_noun: bool  # NNG: may be a compound whose first part is a name (연탄재, 세뱃돈)
     spaced: bool  # a space comes before it
     stem: bool = False  # a verb or adjective stem (VV, VA, VX): no name ends on one (달고나서 is 달- 고 나서-)
+    comparison: bool = False  # 처럼, 같이, 만큼, 마냥 or 같- ("like"): a name before it is a simile (김밥처럼 말다)
 
 
 def analyse(text: str) -> list[Morph]:
@@ -86,7 +88,8 @@ def analyse(text: str) -> list[Morph]:
                          content=not t.tag.startswith(NOT_CONTENT) or t.tag in ("SH", "SN"),
                          ending=t.tag.startswith(("E", "S")) and t.tag != "SH", noun=t.tag.startswith("NN"),
                          common_noun=t.tag == "NNG", spaced=t.start > 0 and text[t.start - 1].isspace(),
-                         stem=t.tag in ("VV", "VA", "VX")))
+                         stem=t.tag in ("VV", "VA", "VX"),
+                         comparison=(t.tag == "JKB" and t.form in COMPARISONS) or (t.tag == "VA" and t.form == "같")))
     return out
 
 
@@ -184,6 +187,10 @@ class Text:
         return sorted(found)
 
 
+    def compared(self, r: tuple[int, int]) -> bool:
+        """Whether the match `r` is followed by a comparison (처럼, 같이, 같은): a simile, not the thing itself."""
+        return r[1] + 1 < len(self.morphs) and self.morphs[r[1] + 1].comparison
+
     def inside(self, p: Pattern, r: tuple[int, int]) -> bool:
         """Whether the match `r` of `p` is the first part of a longer compound noun (연탄 in 연탄재)."""
         return not p.latin and r[0] == r[1] and len(self.morphs[r[0]].surface) > len(p.surface)
@@ -222,8 +229,10 @@ def score(text: Text, slug: str, names: list[Pattern], words: list[Pattern], con
     confirm = [p for p in context if any(own(r) for r in text.find(p, compound=True))]  # 단오날 holds 단오
     seen = [(p, rs[0]) for p in words if (rs := [r for r in text.find(p) if own(r)])]  # each word once, first place
     if hits:  # an everyday word confirms an ambiguous name as a context word does ("제기 차다"), and so does a
-        # compound that holds it (씨름판): the everyday senses are the bare word
-        sure = bool(confirm) or bool(seen) or any(p.text not in ambiguous or text.inside(p, r) for p, r in hits)
+        # compound that holds it (씨름판): the everyday senses are the bare word. A name in a simile ("이불을
+        # 김밥처럼 말고") is only a question, unless a context or everyday word confirms it.
+        sure = bool(confirm) or bool(seen) or any(
+            (p.text not in ambiguous or text.inside(p, r)) and not text.compared(r) for p, r in hits)
         evidence = [p.text for p, _ in hits] + [p.text for p, _ in seen] + [p.text for p in confirm]
         confidence, source = (1.0 if sure else ASK), "alias"
         first = min((p.latin, r[0]) for p, r in hits)
