@@ -38,9 +38,12 @@ def train_keyword_flow(slug: str, data: str = CURATED, loras: str = LORAS, param
 
 @flow(name="train", **FLOW)
 def train_flow(keywords: list[str] | None = None, data: str = CURATED, loras: str = LORAS, bank: str | None = None,
-               params_file: str = PARAMS, profile: str | None = None, metrics: str | None = METRICS) -> dict:
+               params_file: str = PARAMS, profile: str | None = None, metrics: str | None = METRICS,
+               dvc_root: str | None = ".") -> dict:
     """Train each keyword's LoRA (flows.train_concurrency at once; one flow run per keyword on flows.work_pool when
-    set), then index the adapters into `bank` (default: beside `loras`). A failing keyword never stops the others."""
+    set), then index the adapters into `bank` (default: beside `loras`). A failing keyword never stops the others.
+    In a DVC project (`dvc_root`), the new adapters and bank are recorded in dvc.lock and what is stale after the
+    bank reruns, as retrain does, so `dvc status` stays clean; None: no DVC bookkeeping (retrain's candidates)."""
     params = tasks.config(params_file, profile)
     slugs, pool = tasks.keywords(params, keywords), params.flows.work_pool
     train, n = tasks.with_retries(tasks.train_keyword, params.flows), min(params.flows.train_concurrency, len(slugs))
@@ -56,8 +59,11 @@ def train_flow(keywords: list[str] | None = None, data: str = CURATED, loras: st
             futures = {s: runner.submit(train, dict(params=params, slug=s, data=data, out=f"{loras}/{s}",
                                                     metrics=metrics)) for s in slugs}
         report = tasks.train_report(futures)
-    report["bank"] = tasks.index_bank(params, loras, bank or str(paths.bank_beside(loras)))
+    bank = bank or str(paths.bank_beside(loras))
+    report["bank"] = tasks.index_bank(params, loras, bank)
     tasks.training_artifact(report)
+    if dvc_root and report["trained"]:
+        report["lineage"] = tasks.record_lineage(dvc_root, [f"{loras}/{s}" for s in report["trained"]] + [bank], bank)
     return report
 
 
@@ -90,7 +96,7 @@ def retrain_flow(raw: str = RAW, curated: str = CURATED, loras: str = LORAS, ban
     if data["outdated"]:
         report["train"] = trained = train_flow(
             keywords=list(data["outdated"]), data=curated, loras=f"{candidates}/loras", bank=f"{candidates}/bank.json",
-            params_file=params_file, profile=profile, metrics=f"{candidates}/metrics")
+            params_file=params_file, profile=profile, metrics=f"{candidates}/metrics", dvc_root=None)
         failed = list(trained["failed"])
         ready = [*trained["trained"], *trained["skipped_unchanged"]]
         scores = tasks.gate_scores(params, ready, candidate_bank=f"{candidates}/bank.json", bank=bank,

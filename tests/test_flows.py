@@ -146,7 +146,7 @@ def trained(workspace, curated):
     """train_flow over the 2 keywords plus one without data; returns (report, flow run id)."""
     from flows.pipeline import train_flow
 
-    state = train_flow(keywords=[*KEYWORDS, MISSING], data=str(workspace / "curated"),
+    state = train_flow(keywords=[*KEYWORDS, MISSING], data=str(workspace / "curated"), dvc_root=None,
                        loras=str(workspace / "models" / "loras"), params_file=str(workspace / "params.yaml"),
                        metrics=str(workspace / "metrics"), return_state=True)
     return state.result(), state.state_details.flow_run_id
@@ -197,7 +197,7 @@ def test_train_flow_skips_unchanged_adapters(workspace, trained):
 
     weights = workspace / "models" / "loras" / KEYWORDS[0] / "pytorch_lora_weights.safetensors"
     before = sha(weights)
-    report = train_flow(keywords=KEYWORDS[:1], data=str(workspace / "curated"),
+    report = train_flow(keywords=KEYWORDS[:1], data=str(workspace / "curated"), dvc_root=None,
                         loras=str(workspace / "models" / "loras"), params_file=str(workspace / "params.yaml"),
                         metrics=str(workspace / "metrics"))
     assert report["trained"] == [] and report["skipped_unchanged"] == KEYWORDS[:1] and report["failed"] == {}
@@ -382,7 +382,9 @@ def test_retrain_refuses_a_worse_candidate_and_keeps_the_live_adapter(workspace,
 @pytest.mark.slow
 def test_retrain_promotes_and_leaves_dvc_status_clean(demo_raw, prefect_api, tmp_path):
     """A git+DVC project built by `dvc repro`; new items for one keyword; retrain_flow; `dvc status` is clean."""
-    from flows.pipeline import retrain_flow
+    import yaml
+
+    from flows.pipeline import retrain_flow, train_flow
 
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)
@@ -413,6 +415,17 @@ def test_retrain_promotes_and_leaves_dvc_status_clean(demo_raw, prefect_api, tmp
     after = bank_shas(repo / "models" / "bank.json")
     assert after[KEYWORDS[0]] != before[KEYWORDS[0]] and after[KEYWORDS[1]] == before[KEYWORDS[1]]
     assert "train@" + KEYWORDS[0] in report["lineage"]["committed"]
+    assert json.loads(dvc("status", "--json")) == {}
+
+    # train/local the same way: a training setting changes, the flow retrains both keywords, and DVC knows
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["profiles"][params["profile"]]["train"]["steps"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    assert set(json.loads(dvc("status", "--json"))) >= {f"train@{s}" for s in KEYWORDS}
+    trained = train_flow(keywords=KEYWORDS, **{k: at[k] for k in ("loras", "bank", "params_file", "metrics")},
+                         data=at["curated"], dvc_root=str(repo))
+    assert sorted(trained["trained"]) == KEYWORDS and trained["failed"] == {}
+    assert {f"train@{s}" for s in KEYWORDS} | {"bank"} <= set(trained["lineage"]["committed"])
     assert json.loads(dvc("status", "--json")) == {}
 
 
@@ -476,7 +489,7 @@ def test_work_pool_trains_keywords_in_separate_workers(workspace, curated, prefe
                     break
                 time.sleep(1)
         report = train_flow(keywords=KEYWORDS, data=str(workspace / "curated"), loras=str(tmp_path / "loras"),
-                            params_file=str(params_file), metrics=None)
+                            params_file=str(params_file), metrics=None, dvc_root=None)
     finally:
         for w in workers:
             w.terminate()
