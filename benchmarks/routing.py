@@ -2,8 +2,8 @@
 
 `python -m benchmarks.routing [--smoke]`. Accuracy is exact (tipsen.routing.correct): the expected main keyword is
 drawn and exactly the expected keywords are recognised; for a sentence about none of them, none is drawn. The sets
-are tests/data/routing.jsonl (the development set), then routing_heldout, routing_unseen and routing_blind3 (each
-written blind to the rules and scored once before any rule was changed for it; see BENCHMARKS.md).
+are tests/data/routing.jsonl (the development set), then routing_heldout, routing_unseen, routing_blind3 and
+routing_blind4 (each written blind to the rules and scored once before any rule was changed for it; BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from benchmarks.common import summarize, table, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 SETS = {name: ROOT / "tests" / "data" / f"{name}.jsonl" for name in ("routing", "routing_heldout", "routing_unseen",
-                                                                     "routing_blind3")}
+                                                                     "routing_blind3", "routing_blind4")}
 
 
 def main() -> None:

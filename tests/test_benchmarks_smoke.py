@@ -127,7 +127,8 @@ def check_hardening(r: dict) -> None:
 def check_routing(r: dict) -> None:
     assert r["accuracy"] and all(0 <= a <= 1 for a in r["accuracy"].values())
     assert sum(r["counts"].values()) >= 1 and 0 <= r["overall"] <= 1 and _pos(r["startup_s"])
-    assert set(r["sets"]) == {"routing", "routing_heldout", "routing_unseen", "routing_blind3"}
+    assert set(r["sets"]) == {"routing", "routing_heldout", "routing_unseen", "routing_blind3",
+                              "routing_blind4"}
     assert all(0 <= s["overall"] <= 1 and s["counts"] for s in r["sets"].values())
     _stats(r["ms_per_sentence"])
 

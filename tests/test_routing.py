@@ -12,10 +12,11 @@ from tipsen import routing
 DATA = Path(__file__).resolve().parent / "data"
 # The development set, and two sets each written blind to the rules by someone who saw only the keywords' names and
 # descriptions (scored once before any rule changed for them: BENCHMARKS.md has those first figures).
-SETS = {"routing": 150, "routing_heldout": 150, "routing_unseen": 120, "routing_blind3": 130}  # name: least size
-# routing_blind3 was scored after the rules had been fitted to the others: its floor is on the whole set, a guard
-# against regressions rather than the targets below (it measured 0.938 first and 0.962 now; BENCHMARKS.md).
-OVERALL_FLOORS = {"routing_blind3": 0.95}
+SETS = {"routing": 150, "routing_heldout": 150, "routing_unseen": 120, "routing_blind3": 130,
+        "routing_blind4": 120}  # name: its least number of sentences
+# The last two were scored after the rules had been fitted to the others: their floors are on the whole set, a
+# guard against regressions rather than the targets below (first and current figures are in BENCHMARKS.md).
+OVERALL_FLOORS = {"routing_blind3": 0.97, "routing_blind4": 0.93}
 # Floors per category: a drop below one is a regression. The targets the router is built for: names with particles
 # and endings 98%, everyday-sense homonyms and no-keyword sentences 95% routed to nothing, descriptions without the
 # name 60%. Measured figures are in BENCHMARKS.md (python -m benchmarks.routing).
@@ -129,3 +130,10 @@ def test_a_name_in_a_simile_is_only_a_question(registry):
     assert (simile.slug, simile.ask, simile.unsure) == (None, ("kimbap",), True)
     assert registry.route("연탄같이 까만 얼굴").slug is None
     assert registry.route("소풍 가서 김밥 먹었지").slug == "kimbap"
+
+
+def test_a_name_used_as_someones_name_or_in_a_simile_with_a_title_is_not_drawn(registry):
+    assert registry.route("둘째는 책만 끼고 살아서 별명이 세종대왕이었어").slug is None  # a nickname
+    assert registry.route("외할머니 함자가 이순신이셨어").slug is None  # someone's name
+    assert registry.route("네 할아버지가 이순신 장군처럼 용감하게 뱀을 때려잡았지").slug is None  # a simile
+    assert registry.route("광화문에서 이순신 장군 동상을 봤어요").slug == "yisunsin"

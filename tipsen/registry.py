@@ -162,10 +162,11 @@ class Registry:
         def pats(texts) -> list:
             return [routing.pattern(t) for t in dict.fromkeys(texts) if routing.clean(t).strip()]
 
-        def exclusions(k: Keyword) -> list:  # a name before a business or a station is a place name (거북선횟집)
-            places = [] if k.category == "food" else [f"{n} {suffix}" for n in (k.ko, *k.aliases)
-                                                      if routing.HANGUL.search(n) for suffix in routing.PLACES]
-            return pats((*k.exclude, *places))
+        def exclusions(k: Keyword) -> list:  # a name before a business or a station is a place name (거북선횟집);
+            # after 별명 or 함자 it is someone's name (별명이 세종대왕)
+            hangul = [n for n in (k.ko, *k.aliases) if routing.HANGUL.search(n)]
+            places = [] if k.category == "food" else [f"{n} {suffix}" for n in hangul for suffix in routing.PLACES]
+            return pats((*k.exclude, *places, *(f"{noun} {n}" for n in hangul for noun in routing.NAMING)))
 
         return {k.slug: (pats((k.keyword, k.ko, *k.aliases)), pats(k.words), pats(k.context), exclusions(k),
                          frozenset(routing.clean(a) for a in k.ambiguous)) for k in self}

@@ -30,11 +30,14 @@ WORD, WORDS_MAX, CONTEXT = 0.5, 0.8, 0.2
 PLACES = ("역", "시장", "식당", "횟집", "갈비집", "고깃집", "다방", "회관", "상회", "마트", "슈퍼", "약국", "여관",
           "모텔", "노래방", "아파트", "빌라", "학교", "초등학교", "중학교", "고등학교", "대학교", "은행", "호텔", "경찰서",
           "병원", "대교", "터미널", "정류장", "정거장")
+# Nouns that make the name after them someone's name or nickname ("별명이 세종대왕", "함자가 이순신"): for every keyword.
+NAMING = ("별명", "이름", "함자", "성함", "애칭", "예명")
 MAX_CHARS = 4000  # the analysis reads this much of a text; the service caps prompts at 1000 characters anyway
 ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff]")  # syllables and jamo
 LATIN_WORD = re.compile(r"[a-z0-9]+")
 COMPARISONS = ("처럼", "같이", "만큼", "마냥")
+TITLES = ("장군", "대왕", "님", "선생", "선생님")  # may stand between a name and its comparison
 NOT_CONTENT = ("J", "E", "S", "VCP", "VCN")  # particles, endings, punctuation, the copula: what a name may drop
 _lock = threading.Lock()
 
@@ -188,8 +191,12 @@ class Text:
 
 
     def compared(self, r: tuple[int, int]) -> bool:
-        """Whether the match `r` is followed by a comparison (처럼, 같이, 같은): a simile, not the thing itself."""
-        return r[1] + 1 < len(self.morphs) and self.morphs[r[1] + 1].comparison
+        """Whether the match `r` is followed by a comparison (처럼, 같이, 같은): a simile, not the thing itself.
+        A title after the name counts as part of it ("이순신 장군처럼")."""
+        end = r[1] + 1
+        while end < len(self.morphs) and self.morphs[end].surface in TITLES:
+            end += 1
+        return end < len(self.morphs) and self.morphs[end].comparison
 
     def inside(self, p: Pattern, r: tuple[int, int]) -> bool:
         """Whether the match `r` of `p` is the first part of a longer compound noun (연탄 in 연탄재)."""
