@@ -47,6 +47,32 @@ async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, by
     await send({"type": "http.response.body", "body": data})
 
 
+async def send_json_as(send, start: dict, body: dict) -> None:
+    """`body` as JSON, with the status and the other headers of the response `start` it replaces."""
+    extra = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
+    await send_json(send, start["status"], body, extra)
+
+
+async def edit_response(app, scope, receive, send, *, wants, rewrite) -> None:
+    """Run `app`; a response whose start message `wants(start)` accepts is held whole and handed to
+    `rewrite(send, start, body_bytes)` instead of being sent; any other passes through untouched."""
+    start: dict | None = None
+    chunks: list[bytes] = []
+
+    async def capture(msg):
+        nonlocal start
+        if msg["type"] == "http.response.start" and wants(msg):
+            start = msg
+            return
+        if start is None:
+            return await send(msg)
+        chunks.append(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            await rewrite(send, start, b"".join(chunks))
+
+    await app(scope, receive, capture)
+
+
 def is_internal(scope) -> bool:
     got = _header(scope, INTERNAL_HEADER.encode())
     return got is not None and hmac.compare_digest(got, INTERNAL_TOKEN.encode())
@@ -246,21 +272,8 @@ class ErrorShape:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start: dict | None = None
-        chunks: list[bytes] = []
-
-        async def capture(msg):
-            nonlocal start
-            if msg["type"] == "http.response.start" and 400 <= msg["status"] < 500 and msg["status"] != 413:
-                start = msg
-                return
-            if start is None:
-                return await send(msg)
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body", False):
-                await self._rewrite(send, start, b"".join(chunks))
-
-        await self.app(scope, receive, capture)
+        await edit_response(self.app, scope, receive, send, rewrite=self._rewrite,
+                            wants=lambda start: 400 <= start["status"] < 500 and start["status"] != 413)
 
     @staticmethod
     async def _rewrite(send, start: dict, raw: bytes) -> None:
@@ -280,8 +293,7 @@ class ErrorShape:
             await send(start)
             await send({"type": "http.response.body", "body": raw})
             return
-        extra = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
-        await send_json(send, start["status"], body, extra)
+        await send_json_as(send, start, body)
 
 
 def public_document(spec: dict, private: frozenset[str]) -> dict:
@@ -350,23 +362,8 @@ class PublicDocument:
         edit = self.EDITS.get(scope.get("path")) if scope["type"] == "http" and scope["method"] == "GET" else None
         if edit is None:
             return await self.app(scope, receive, send)
-        start: dict | None = None
-        chunks: list[bytes] = []
 
-        async def capture(msg):
-            nonlocal start
-            if msg["type"] == "http.response.start":
-                if msg["status"] != 200:
-                    return await send(msg)
-                start = msg
-                return
-            if start is None:
-                return await send(msg)
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body", False):
-                spec = edit(json.loads(b"".join(chunks)), self.private)
-                extra = [(k, v) for k, v in start.get("headers", [])
-                         if k.lower() not in (b"content-type", b"content-length")]
-                await send_json(send, 200, spec, extra)
+        async def rewrite(send, start, raw):
+            await send_json_as(send, start, edit(json.loads(raw), self.private))
 
-        await self.app(scope, receive, capture)
+        await edit_response(self.app, scope, receive, send, rewrite=rewrite, wants=lambda start: start["status"] == 200)
