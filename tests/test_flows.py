@@ -386,21 +386,7 @@ def test_retrain_promotes_and_leaves_dvc_status_clean(demo_raw, prefect_api, tmp
 
     from flows.pipeline import retrain_flow, train_flow
 
-    repo = tmp_path / "repo"
-    (repo / "data").mkdir(parents=True)
-    for name in ("dvc.yaml", "data.dvc", "data/keywords.yaml"):
-        shutil.copy2(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "tipsen", repo / "tipsen", ignore=shutil.ignore_patterns("__pycache__"))  # stage deps
-    write_params(repo / "params.yaml", promotion_margin=1.0)  # any candidate passes the gate
-    export(demo_raw, repo / "data" / "raw", KEYWORDS)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    dvc = lambda *a: subprocess.run([sys.executable, "-m", "dvc", *a], cwd=repo, env=env, check=True,  # noqa: E731
-                                    capture_output=True, text=True).stdout
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    dvc("init", "-q")
-    dvc("commit", "-q", "-f", "data.dvc")  # this export is the tracked raw data
-    dvc("repro", "-q")
-    assert json.loads(dvc("status", "--json")) == {}
+    repo, dvc = dvc_project(tmp_path / "repo", demo_raw, promotion_margin=1.0)  # any candidate passes the gate
     before = bank_shas(repo / "models" / "bank.json")
 
     add_items(repo / "data" / "raw", KEYWORDS[0])
@@ -427,6 +413,62 @@ def test_retrain_promotes_and_leaves_dvc_status_clean(demo_raw, prefect_api, tmp
     assert sorted(trained["trained"]) == KEYWORDS and trained["failed"] == {}
     assert {f"train@{s}" for s in KEYWORDS} | {"bank"} <= set(trained["lineage"]["committed"])
     assert json.loads(dvc("status", "--json")) == {}
+
+
+def dvc_project(repo: Path, demo_raw: Path, **flows):
+    """A git+DVC copy of the project on 2 keywords, built by `dvc repro`: (its folder, a `dvc` runner)."""
+    (repo / "data").mkdir(parents=True)
+    for name in ("dvc.yaml", "data.dvc", "data/keywords.yaml", ".gitignore"):
+        shutil.copy2(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "tipsen", repo / "tipsen", ignore=shutil.ignore_patterns("__pycache__"))  # stage deps
+    write_params(repo / "params.yaml", **flows)
+    export(demo_raw, repo / "data" / "raw", KEYWORDS)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.org"}
+    dvc = lambda *a, cwd=repo: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "dvc", *a], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc("init", "-q")
+    dvc("commit", "-q", "-f", "data.dvc")  # this export is the tracked raw data
+    dvc("repro", "-q")
+    assert json.loads(dvc("status", "--json")) == {}
+    return repo, dvc
+
+
+@pytest.mark.slow
+def test_results_are_versioned_the_dvc_way(demo_raw, tmp_path):
+    """dvc.lock and the uncached metrics are git's: an experiment shows its evaluation metrics in `dvc exp show`,
+    and a clone plus `dvc pull` is clean."""
+    repo, dvc = dvc_project(tmp_path / "repo", demo_raw)
+    git = lambda *a, cwd=repo: subprocess.run(["git", *a], cwd=cwd, check=True, capture_output=True,  # noqa: E731
+                                              text=True, env={**os.environ, "GIT_AUTHOR_NAME": "t",
+                                                              "GIT_AUTHOR_EMAIL": "t@example.org",
+                                                              "GIT_COMMITTER_NAME": "t",
+                                                              "GIT_COMMITTER_EMAIL": "t@example.org"}).stdout
+    dvc("remote", "add", "-d", "store", str(tmp_path / "store"))
+    git("add", "-A")
+    git("commit", "-q", "-m", "results")
+    tracked = set(git("ls-files").split())
+    assert {"dvc.lock", "metrics/eval.json", "metrics/curate.json", "metrics/per_keyword.csv"} <= tracked
+    base = json.loads((repo / "metrics" / "eval.json").read_text())["methods"]
+    dvc("push", "-q")
+    clone = tmp_path / "clone"  # a teammate's copy: git for the code, params, lock and metrics; DVC for the rest
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    dvc("pull", "-q", cwd=clone)
+    assert json.loads(dvc("status", "--json", cwd=clone)) == {}
+
+    dvc("exp", "run", "-q", "-n", "steps2", "-S", "profiles.demo.train.steps=2")
+    shown = json.loads(dvc("exp", "show", "--json"))  # rows: the workspace, then the commit and its experiments
+    (commit,) = [row for row in shown if row.get("experiments")]
+    (exp,) = [e for group in commit["experiments"] for e in group["revs"] if e.get("name") == "steps2"]
+    metrics = exp["data"]["metrics"]["metrics/eval.json"]["data"]
+    assert set(metrics["methods"]) == set(base)  # the experiment's own evaluation, not "!"
+    assert all(isinstance(m.get("clip_align_mean"), float) for m in metrics["methods"].values())
+    assert exp["data"]["params"]["params.yaml"]["data"]["profiles"]["demo"]["train"]["steps"] == 2
+    committed = commit["data"]["metrics"]["metrics/eval.json"]["data"]["methods"]  # dvc shows scalars, not lists
+    assert {k: (m["clip_align_mean"], m["clip_align_std"]) for k, m in committed.items()} == \
+        {k: (m["clip_align_mean"], m["clip_align_std"]) for k, m in base.items()}
 
 
 def test_deployments_carry_the_retrain_schedule(workspace):
