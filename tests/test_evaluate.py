@@ -216,7 +216,11 @@ def test_outputs_exist_and_are_valid(first, setup):
 
     params, result = first
     out = setup / "first"
-    assert json.loads((out / "metrics" / "eval.json").read_text(encoding="utf-8")) == result
+    assert json.loads((out / "reports" / "eval.json").read_text(encoding="utf-8")) == result
+    headline = json.loads((out / "metrics" / "eval.json").read_text(encoding="utf-8"))  # dvc metrics show's columns
+    assert headline == {k: {"mean": m["clip_align_mean"], "std": m["clip_align_std"]} if m["status"] == "ok"
+                        else {"status": "failed"} for k, m in result["methods"].items()}
+    assert any(v == {"status": "failed"} for v in headline.values())  # this setup has a model that cannot load
     assert result["profile"] == "demo" and result["keywords"] == KEYWORDS
     assert "random tiny models" in result["note"] and "tiny:clip" in result["note"]
     assert result["models"]["clip"] == "tiny:clip" and result["dino"]["status"] == "ok"
@@ -374,7 +378,9 @@ def test_dvc_metrics_and_plots_show_read_the_outputs(first, setup, tmp_path):
     data = json.loads(shown.stdout)[""]["data"]["metrics/eval.json"]
     assert "error" not in data
     expected = first[1]["methods"]["sdxl_tiny"]["clip_align_mean"]
-    assert data["data"]["methods"]["sdxl_tiny"]["clip_align_mean"] == expected
+    assert data["data"]["sdxl_tiny"]["mean"] == expected
+    table = dvc("metrics", "show").stdout.splitlines()  # readable: one short column per headline number
+    assert max(map(len, table)) < 200 and "sdxl_tiny.mean" in table[0], table
     plots = json.loads(dvc("plots", "show", "--json").stdout)
     spec = plots["data"]["metrics/per_keyword.csv"][0]["content"]
     assert spec["encoding"]["y"]["field"] == "label" and len(spec["data"]["values"]) == 2 * 3

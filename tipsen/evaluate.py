@@ -484,7 +484,8 @@ def _adapters(runs: list[Run], bank: Path, slugs: list[str], skipped: dict[str, 
 def evaluate(params: Params, *, curated: Path = Path("data/curated"), bank: Path | None = None,
              metrics_dir: Path = Path("metrics"), reports_dir: Path = Path("reports"), cache_dir: Path | None = None,
              keywords: list[str] | None = None) -> dict:
-    """Run the evaluation and write eval.json, per_keyword.csv, eval_table.md and eval_grid.png; return eval.json."""
+    """Run the evaluation and write metrics/eval.json (the headline), metrics/per_keyword.csv, and in `reports_dir`
+    eval.json (everything), eval_table.md and eval_grid.png; return the full result."""
     ev, registry = params.eval, Registry.load()
     if not ev.methods:
         raise ConfigError("eval.methods: empty; declare at least one method (name, base, lora, assist, ...)")
@@ -516,7 +517,8 @@ def evaluate(params: Params, *, curated: Path = Path("data/curated"), bank: Path
         "bootstrap": {"samples": ev.bootstrap, "seed": ev.seed, "level": 0.95},
         "dino": dino, "methods": methods, "comparisons": comparisons,
     }
-    write_json_atomic(Path(metrics_dir) / "eval.json", result)
+    write_json_atomic(Path(metrics_dir) / "eval.json", headline(result))
+    write_json_atomic(Path(reports_dir) / "eval.json", result)
     write_csv(rows, Path(metrics_dir) / "per_keyword.csv")
     write_table(result, Path(reports_dir) / "eval_table.md")
     write_grid(runs, slugs=slugs[: ev.grid_keywords], real=real, source=source, registry=registry,
@@ -525,6 +527,14 @@ def evaluate(params: Params, *, curated: Path = Path("data/curated"), bank: Path
     log.info("evaluated %d methods on %d keywords (%d generated, %d failed: %s)", len(runs), len(slugs),
              sum(r.generated for r in runs), len(failed), ", ".join(failed) or "none")
     return result
+
+
+def headline(result: dict) -> dict:
+    """metrics/eval.json: what `dvc metrics show` and `dvc exp show` put in columns, one short column per number:
+    each method's CLIP image alignment over keywords (`<method>.mean`, `<method>.std`), or its failed status. The
+    rest (models, images, CIs, DINO, CLIP-T, diversity, comparisons) is in reports/eval.json and the CSV."""
+    return {key: ({"mean": m["clip_align_mean"], "std": m["clip_align_std"]} if m["status"] == "ok"
+                  else {"status": m["status"]}) for key, m in result["methods"].items()}
 
 
 def keyword_alignment(params: Params, slug: str, *, bank: Path, curated: Path, images: int | None = None,
@@ -558,8 +568,10 @@ def keyword_alignment(params: Params, slug: str, *, bank: Path, curated: Path, i
 def add_arguments(parser) -> None:
     parser.add_argument("--curated", default="data/curated", help="curated dataset (real images: held-out split)")
     parser.add_argument("--bank", default=None, help=f"LoRA bank index (default: {paths.BANK})")
-    parser.add_argument("--metrics", default="metrics", help="directory for eval.json and per_keyword.csv")
-    parser.add_argument("--reports", default="reports", help="directory for eval_table.md and eval_grid.png")
+    parser.add_argument("--metrics", default="metrics",
+                        help="directory for eval.json (the headline) and per_keyword.csv")
+    parser.add_argument("--reports", default="reports",
+                        help="directory for eval.json (everything), eval_table.md and eval_grid.png")
     parser.add_argument("--keywords", default=None, help="comma-separated slugs (default: eval.keywords or keywords)")
     parser.add_argument("--cache", default=None, help="image/embedding cache (default: $TIPSEN_HOME/cache/eval)")
 
