@@ -34,6 +34,7 @@ lock:
 	    "# To refresh: change pyproject.toml, .venv/bin/python -m pip install -e '.[test]', then make lock."; \
 	  $(BIN)/python -m pip freeze --all --exclude-editable | grep -v '^pip=='; } > requirements.lock.tmp
 	mv requirements.lock.tmp requirements.lock
+	$(BIN)/python scripts/bento-lock.py
 
 demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh

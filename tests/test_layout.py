@@ -178,3 +178,26 @@ def test_a_missing_extra_is_one_line_naming_it():
         require("no_such_module_for_tipsen", "serve", what="serve")
     assert str(info.value) == ("serve: needs no_such_module_for_tipsen, which this installation lacks; install it "
                                "with pip install 'tipsen[serve]'")
+
+
+def test_the_bento_installs_a_lock_that_is_current():
+    """service/requirements.lock pins every package of the Bento's environment at requirements.lock's version, and
+    is what scripts/bento-lock.py makes from this environment now (so `make lock` has been run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bento_lock", ROOT / "scripts" / "bento-lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = [line for line in (ROOT / "service" / "requirements.lock").read_text(encoding="utf-8").splitlines()
+             if line and not line.startswith("#")]
+    pins = dict(line.split("==") for line in lines)
+    dev = {_canonical(k): v for k, v in (line.split("==") for line in
+                                         (ROOT / "requirements.lock").read_text(encoding="utf-8").splitlines()
+                                         if line and not line.startswith("#"))}
+    assert all(dev.get(_canonical(name)) == version for name, version in pins.items()), \
+        {n: (v, dev.get(_canonical(n))) for n, v in pins.items() if dev.get(_canonical(n)) != v}
+    roots = [r.split("#")[0].strip() for r in (ROOT / "service" / "requirements.txt").read_text().splitlines()]
+    assert pins == module.closure([r for r in roots if r] + module.ALSO)
+    assert {"torch", "diffusers", "bentoml", "kiwipiepy-model"} <= set(pins)
+    bentofile = (ROOT / "bentofile.yaml").read_text(encoding="utf-8")
+    assert 'requirements_txt: "service/requirements.lock"' in bentofile

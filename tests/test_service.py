@@ -427,6 +427,8 @@ def test_bentoml_build(tmp_path):
                  "params.yaml", "data/keywords.yaml"):
         assert (src / need).is_file(), need
     assert not (src / "tests").exists() and not (src / "data" / "raw").exists()
+    installed = (src.parent / "env" / "python" / "requirements.txt").read_text(encoding="utf-8")
+    assert "torch==2.14.1" in installed.splitlines() and "bentoml==1.4.40" in installed.splitlines()  # the lock
     bento = yaml.safe_load((src.parent / "bento.yaml").read_text())
     assert bento["service"] == "service.service:Tipsen" and bento["name"] == "tipsen"
     assert r.stdout.strip().endswith(f"tipsen:{src.parent.name}")
