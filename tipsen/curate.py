@@ -338,12 +338,13 @@ def _report(c: CurateParams, slugs: list[str], ranked: dict, rejected: list, ite
 
 
 def write_metrics(report: CurateReport, metrics: Path) -> None:
-    """`metrics/curate.json` (dvc metrics) and `metrics/curate_kept.csv` (dvc plots bar chart)."""
+    """`metrics/curate.json`, the totals that `dvc metrics show` lists (one short column each), and
+    `metrics/curate_kept.csv`, every keyword's count (the dvc plots bar chart). The reasons and each keyword's
+    detail are in the dataset's report.json."""
     t = report.totals
     write_json_atomic(metrics / "curate.json", {
         "in": t.in_, "kept": t.kept, "rejected": t.rejected, "train": t.train, "heldout": t.heldout,
-        "keywords": len(report.keywords), "short_keywords": len(report.short_keywords),
-        "reasons": t.reasons, "kept_per_keyword": {s: g.kept for s, g in report.keywords.items()}})
+        "keywords": len(report.keywords), "short_keywords": len(report.short_keywords)})
     write_text_atomic(metrics / "curate_kept.csv", "slug,kept\n" + "".join(f"{s},{g.kept}\n"
                                                                          for s, g in report.keywords.items()))
 
