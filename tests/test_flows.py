@@ -244,29 +244,32 @@ def test_evaluate_flow_scores_the_bank(workspace, trained):
     assert (workspace / "reports" / "eval_table.md").is_file()
 
 
-def artifact(key: str):
+def artifact(key: str, flow_run_id):
+    """The artifact `key` that the flow run (or one of its task runs) published."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    return max(found, key=lambda a: a.created)  # the latest version of the key
+        (found,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return found
 
 
 def test_training_and_evaluation_are_artifacts_in_the_ui(workspace, trained):
     from flows.pipeline import evaluate_flow
 
-    summary = artifact("training-summary")
+    summary = artifact("training-summary", trained[1])
     assert summary.type == "markdown" and summary.data.startswith("| keyword | status | steps | final loss |")
     for slug in KEYWORDS:
         assert f"| {slug} | " in summary.data
     assert f"| {MISSING} | failed | | | | ConfigError: " in summary.data
-    evaluate_flow(curated=str(workspace / "curated"), bank=str(workspace / "models" / "bank.json"),
-                  params_file=str(workspace / "params.yaml"), metrics=str(workspace / "metrics"),
-                  reports=str(workspace / "reports"))
-    table = artifact("evaluation-table")
+    state = evaluate_flow(curated=str(workspace / "curated"), bank=str(workspace / "models" / "bank.json"),
+                          params_file=str(workspace / "params.yaml"), metrics=str(workspace / "metrics"),
+                          reports=str(workspace / "reports"), return_state=True)
+    run = state.state_details.flow_run_id
+    table = artifact("evaluation-table", run)
     assert table.type == "markdown" and table.data == (workspace / "reports" / "eval_table.md").read_text()
-    scores = artifact("per-keyword-scores")
+    scores = artifact("per-keyword-scores", run)
     rows = json.loads(scores.data) if isinstance(scores.data, str) else scores.data
     assert scores.type == "table" and {r["keyword"] for r in rows} == set(KEYWORDS)
     assert {r["method"] for r in rows} == {"SDXL (tiny)", "SDXL+LoRA (tiny)"}
