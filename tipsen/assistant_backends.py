@@ -244,8 +244,9 @@ class TransformersBackend:
             picks = []
             for k in range(0, len(conversations), self.cfg.batch_size):
                 enc = self._encode(conversations[k:k + self.cfg.batch_size])
-                with torch.inference_mode():
-                    last = model(**enc).logits[:, -1, :].float()  # left padding: every row ends at the answer
+                with torch.inference_mode():  # left padding: every row ends at the answer. Only the last
+                    # position's logits: Llama 3's 128k vocabulary over every position of a batch is gigabytes
+                    last = model(**enc, logits_to_keep=1).logits[:, -1, :].float()
                 for row, n in zip(last, sizes[k:k + self.cfg.batch_size]):
                     probs = torch.softmax(row[[i[0] for i in ids[:n]]], dim=-1)
                     picks.append(Choice(int(probs.argmax()), round(float(probs.max()), 4)))

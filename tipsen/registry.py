@@ -80,12 +80,15 @@ class Route:
         """The keywords an unsure route hesitates between: the routed ones, then the suspected ones."""
         return tuple(dict.fromkeys(self.slugs + self.ask))
 
+    def _record(self, by: str, choice: str | None, probability: float | None, error: str | None) -> dict:
+        return {"by": by, "candidates": list(self.candidates), "choice": choice, "probability": probability,
+                "rule": self.slug, "error": error}
+
     def settle(self, choice: str | None, *, by: str, probability: float | None = None) -> "Route":
         """This route as settled by `by` (an LLM backend) choosing `choice` among `candidates`, or none of them."""
         from tipsen.routing import ROUTE
 
-        record = {"by": by, "candidates": list(self.candidates), "choice": choice, "probability": probability,
-                  "rule": self.slug, "error": None}
+        record = self._record(by, choice, probability, None)
         if choice is None:
             return Route(None, None, "llm", probability or 0.0, settled=record)
         if choice not in self.candidates:
@@ -97,8 +100,7 @@ class Route:
 
     def unsettled(self, *, by: str, error: str) -> "Route":
         """This route kept as the rules gave it, with why `by` could not settle it."""
-        return dataclasses.replace(self, settled={"by": by, "candidates": list(self.candidates), "choice": None,
-                                                  "probability": None, "rule": self.slug, "error": error})
+        return dataclasses.replace(self, settled=self._record(by, None, None, error))
 
     def as_dict(self) -> dict:
         return {"slug": self.slug, "matched": self.matched, "source": self.source, "confidence": self.confidence,
@@ -153,7 +155,7 @@ class Registry:
         return self.keywords[slug]
 
     @cached_property
-    def _patterns(self) -> dict[str, tuple[list, list, list, list, bool]]:
+    def _patterns(self) -> dict[str, tuple[list, list, list, list, frozenset[str]]]:
         """Each keyword's names, words, context and exclusions as routing patterns (analysed once)."""
         from tipsen import routing
 

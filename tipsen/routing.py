@@ -189,7 +189,6 @@ class Text:
             found.update(self.prefixes.get(_with_sai_siot(p.surface), ()))
         return sorted(found)
 
-
     def compared(self, r: tuple[int, int]) -> bool:
         """Whether the match `r` is followed by a comparison (처럼, 같이, 같은): a simile, not the thing itself.
         A title after the name counts as part of it ("이순신 장군처럼")."""
