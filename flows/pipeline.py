@@ -25,7 +25,7 @@ def curate_flow(raw: str = RAW, out: str = CURATED, params_file: str = PARAMS, p
                 metrics: str | None = METRICS) -> dict:
     """Curate a raw KS-KEIT export into the training set (the DVC stage `curate`)."""
     params = tasks.config(params_file, profile)
-    return tasks.curate_data.with_options(timeout_seconds=params.flows.curate_timeout_s)(params, raw, out, metrics)
+    return tasks.configured(tasks.curate_data, params.flows)(params, raw, out, metrics)
 
 
 @flow(name="train-keyword", **FLOW)
@@ -33,7 +33,7 @@ def train_keyword_flow(slug: str, data: str = CURATED, loras: str = LORAS, param
                        profile: str | None = None, metrics: str | None = METRICS) -> dict:
     """One keyword's training as a flow run of its own: what a work pool's worker runs for train_flow."""
     params = tasks.config(params_file, profile)
-    return tasks.with_retries(tasks.train_keyword, params.flows)(params, slug, data, f"{loras}/{slug}", metrics)
+    return tasks.configured(tasks.train_keyword, params.flows)(params, slug, data, f"{loras}/{slug}", metrics)
 
 
 @flow(name="train", **FLOW)
@@ -46,7 +46,7 @@ def train_flow(keywords: list[str] | None = None, data: str = CURATED, loras: st
     bank reruns, as retrain does, so `dvc status` stays clean; None: no DVC bookkeeping (retrain's candidates)."""
     params = tasks.config(params_file, profile)
     slugs, pool = tasks.keywords(params, keywords), params.flows.work_pool
-    train, n = tasks.with_retries(tasks.train_keyword, params.flows), min(params.flows.train_concurrency, len(slugs))
+    train, n = tasks.configured(tasks.train_keyword, params.flows), min(params.flows.train_concurrency, len(slugs))
     # Pool runs only wait, so threads. Concurrent local training needs processes: loading a diffusers pipeline is
     # not thread-safe (its meta-device init is process-global); one keyword at a time runs in this process.
     with (ThreadPoolTaskRunner(max_workers=n) if pool or n == 1 else ProcessPoolTaskRunner(max_workers=n)) as runner:
@@ -73,7 +73,7 @@ def evaluate_flow(curated: str = CURATED, bank: str | None = None, keywords: lis
                   reports: str = REPORTS) -> dict:
     """The paper's evaluation table for the bank (the DVC stage `evaluate`)."""
     params = tasks.config(params_file, profile)
-    evaluate = tasks.evaluate_bank.with_options(timeout_seconds=params.flows.evaluate_timeout_s)
+    evaluate = tasks.configured(tasks.evaluate_bank, params.flows)
     return evaluate(params, curated, bank or str(paths.BANK), metrics, reports, keywords)
 
 
@@ -88,7 +88,7 @@ def retrain_flow(raw: str = RAW, curated: str = CURATED, loras: str = LORAS, ban
     raw_changes = tasks.detect_raw_changes(params, raw, state)
     if not raw_changes["changed"]:
         return {"changed_raw": [], "note": "no new or changed raw items since the last run"}
-    curate = tasks.curate_data.with_options(timeout_seconds=params.flows.curate_timeout_s)
+    curate = tasks.configured(tasks.curate_data, params.flows)
     report = {"changed_raw": raw_changes["changed"], "curate": curate(params, raw, curated, metrics)}
     data = tasks.outdated_adapters(params, curated, loras, state)
     report.update(changed_curated=data["changed"], outdated=data["outdated"])

@@ -83,11 +83,15 @@ def train_keyword(params: Params, slug: str, data: str, out: str, metrics: str |
     return {**run, "status": "trained", "reason": why, **summary.as_dict()}
 
 
-def with_retries(t, flows: FlowsParams):
-    """`t` with the retry count, exponential backoff and training timeout of params.flows (the decorator holds
-    the defaults). A timed-out attempt is retried like any other transient failure, up to flows.retries."""
-    return t.with_options(retries=flows.retries, retry_delay_seconds=exponential_backoff(flows.retry_delay_s),
-                          timeout_seconds=flows.train_timeout_s)
+def configured(t, flows: FlowsParams):
+    """`t` with its timeout from params.flows, and for training the retry count and exponential backoff too (the
+    decorators hold the defaults). A timed-out training attempt is retried like any other transient failure."""
+    timeouts = {curate_data.name: flows.curate_timeout_s, train_keyword.name: flows.train_timeout_s,
+                evaluate_bank.name: flows.evaluate_timeout_s}
+    options = {"timeout_seconds": timeouts[t.name]}
+    if t.name == train_keyword.name:
+        options.update(retries=flows.retries, retry_delay_seconds=exponential_backoff(flows.retry_delay_s))
+    return t.with_options(**options)
 
 
 @task(name="train-on-pool", task_run_name="pool-{slug}", cache_policy=NO_CACHE, **JSON)
