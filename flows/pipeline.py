@@ -13,7 +13,7 @@ from flows import hooks, tasks
 from tipsen import paths
 
 RAW, CURATED, LORAS, METRICS, REPORTS = map(str, (paths.RAW, paths.CURATED, paths.LORAS, paths.METRICS, paths.REPORTS))
-CANDIDATES = str(paths.CANDIDATES)  # retrain's candidates: loras/<slug>, bank.json, metrics/train/<slug>.csv
+CANDIDATES = str(paths.CANDIDATES)  # retrain's candidates: loras/<slug>, bank.json, metrics/train/<slug>/ (the training log)
 PARAMS = str(paths.PARAMS)
 # JSON results; a failed or crashed run is recorded and announced (flows/hooks.py)
 FLOW = dict(persist_result=True, result_serializer="json", on_failure=[hooks.record_failure],

@@ -135,11 +135,11 @@ def training_artifact(report: dict) -> str:
                                         description="train: one row per keyword"))
 
 
-def evaluation_artifacts(metrics: str, reports: str) -> list[str]:
+def evaluation_artifacts(reports: str) -> list[str]:
     """The evaluation in the Prefect UI: Table II as Markdown (reports/eval_table.md) and the per-keyword scores as
-    a table artifact (metrics/per_keyword.csv). Returns the artifacts' ids."""
+    a table artifact (reports/per_keyword.csv). Returns the artifacts' ids."""
     table = (Path(reports) / "eval_table.md").read_text(encoding="utf-8")
-    with open(Path(metrics) / "per_keyword.csv", encoding="utf-8", newline="") as f:
+    with open(Path(reports) / "per_keyword.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     return [str(create_markdown_artifact(key="evaluation-table", markdown=table, description="evaluate: Table II")),
             str(create_table_artifact(key="per-keyword-scores", table=rows,
@@ -164,10 +164,10 @@ def index_bank(params: Params, loras: str, bank: str) -> dict:
 @task(name="evaluate", cache_policy=NO_CACHE, **JSON)
 def evaluate_bank(params: Params, curated: str, bank: str, metrics: str, reports: str,
                   keywords: list[str] | None) -> dict:
-    """The evaluation table and metrics for the bank (tipsen.evaluate.evaluate); returns eval.json."""
+    """The evaluation table and metrics for the bank (tipsen.evaluate.evaluate); returns reports/eval.json."""
     result = evaluation.evaluate(params, curated=Path(curated), bank=Path(bank), metrics_dir=Path(metrics),
                                  reports_dir=Path(reports), keywords=keywords)
-    evaluation_artifacts(metrics, reports)
+    evaluation_artifacts(reports)
     return result
 
 

@@ -23,7 +23,8 @@ cat <<'MSG'
 Demo finished (profile: demo, tiny random models: the numbers say nothing about image quality).
   curated dataset     data/curated/            report: data/curated/report.json
   LoRA bank           models/bank.json         adapters: models/loras/<slug>/
-  evaluation          metrics/eval.json        table: reports/eval_table.md   all: reports/eval.json
-  training curves     dvc plots show           metrics: dvc metrics show
+  evaluation          metrics/eval/            table: reports/eval_table.md   all: reports/eval.json
+  training logs       metrics/train/<slug>/    (dvclive: loss and learning rate per step, validation grid)
+  curves and metrics  dvc plots show           dvc metrics show, dvc exp show
 Serve it:             tipsen serve             (then open http://127.0.0.1:3000/)
 MSG

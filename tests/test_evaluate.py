@@ -217,7 +217,7 @@ def test_outputs_exist_and_are_valid(first, setup):
     params, result = first
     out = setup / "first"
     assert json.loads((out / "reports" / "eval.json").read_text(encoding="utf-8")) == result
-    headline = json.loads((out / "metrics" / "eval.json").read_text(encoding="utf-8"))  # dvc metrics show's columns
+    headline = json.loads((out / "metrics" / "eval" / "metrics.json").read_text(encoding="utf-8"))  # dvclive's summary
     assert headline == {k: {"mean": m["clip_align_mean"], "std": m["clip_align_std"]} if m["status"] == "ok"
                         else {"status": "failed"} for k, m in result["methods"].items()}
     assert any(v == {"status": "failed"} for v in headline.values())  # this setup has a model that cannot load
@@ -242,8 +242,11 @@ def test_outputs_exist_and_are_valid(first, setup):
         ("SDXL+LoRA (tiny)", "SDXL (tiny)"), ("SDXL+LoRA+assistant (tiny)", "SDXL (tiny)"),
         ("SDXL+LoRA+assistant (tiny)", "SDXL+LoRA (tiny)")}
 
-    rows = list(csv.DictReader((out / "metrics" / "per_keyword.csv").open(encoding="utf-8")))
+    rows = list(csv.DictReader((out / "reports" / "per_keyword.csv").open(encoding="utf-8")))
     assert len(rows) == 2 * 3 and {r["keyword"] for r in rows} == set(KEYWORDS)
+    plotted = json.loads((out / "metrics" / "eval" / "plots" / "custom" / "per_keyword.json").read_text())
+    assert [{k: str(v) for k, v in p.items()} for p in plotted] == rows  # dvclive's custom plot: the same rows
+    assert sorted(p.name for p in (out / "metrics").iterdir()) == ["eval"]  # nothing hand-written beside the log
     for name, m in methods.items():  # the table's mean and ddof=0 std are over the CSV's keyword rows
         scores = [float(r["clip_align"]) for r in rows if r["method"] == name]
         assert m["clip_align_mean"] == pytest.approx(np.mean(scores), abs=2e-6)
@@ -295,7 +298,7 @@ def test_score_matches_an_independent_clip_computation(first, setup):
 
     r = unit(real)
     got = {x["method"]: float(x["clip_align"]) for x in
-           csv.DictReader((setup / "first" / "metrics" / "per_keyword.csv").open(encoding="utf-8"))
+           csv.DictReader((setup / "first" / "reports" / "per_keyword.csv").open(encoding="utf-8"))
            if x["keyword"] == "yakgwa"}
     assert got["SDXL (tiny)"] == pytest.approx(float((unit(gen[False]) @ r.T).mean()), abs=2e-5)
     assert got["SDXL+LoRA (tiny)"] == pytest.approx(float((unit(gen[True]) @ r.T).mean()), abs=2e-5)
@@ -306,8 +309,8 @@ def test_rerun_reuses_the_cache_and_gives_identical_metrics(first, setup, count_
     again = _run(setup, params, "rerun")
     assert count_generation == []  # every image came from the cache
     assert again == result
-    assert (setup / "rerun" / "metrics" / "per_keyword.csv").read_bytes() == \
-        (setup / "first" / "metrics" / "per_keyword.csv").read_bytes()
+    for same in ("reports/per_keyword.csv", "metrics/eval/metrics.json", "metrics/eval/plots/custom/per_keyword.json"):
+        assert (setup / "rerun" / same).read_bytes() == (setup / "first" / same).read_bytes(), same
 
 
 def test_adding_a_method_generates_only_that_method(first, setup, count_generation):
@@ -350,7 +353,7 @@ def test_keyword_alignment_scores_an_adapter_on_the_same_images(first, setup, co
     score = keyword_alignment(params, "gimjang", bank=setup / "models" / "bank.json", curated=setup / "curated",
                               cache_dir=setup / "cache")
     assert count_generation == []  # the same seeds and settings as the table's SDXL+LoRA method: cached
-    rows = csv.DictReader((setup / "first" / "metrics" / "per_keyword.csv").open(encoding="utf-8"))
+    rows = csv.DictReader((setup / "first" / "reports" / "per_keyword.csv").open(encoding="utf-8"))
     table = next(float(r["clip_align"]) for r in rows
                  if r["keyword"] == "gimjang" and r["method"] == "SDXL+LoRA (tiny)")
     assert score == pytest.approx(table, abs=1e-6)
@@ -364,10 +367,14 @@ def test_dvc_metrics_and_plots_show_read_the_outputs(first, setup, tmp_path):
     from pathlib import Path
 
     repo = tmp_path / "repo"
+    import yaml
+
     shutil.copytree(setup / "first" / "metrics", repo / "metrics")
-    (repo / "dvc.yaml").write_text(
-        "metrics:\n  - metrics/eval.json\nplots:\n  - metrics/per_keyword.csv:\n"
-        "      x: clip_align\n      y: label\n      template: bar_horizontal\n", encoding="utf-8")
+    stage = yaml.safe_load((Path(__file__).resolve().parent.parent / "dvc.yaml").read_text())["stages"]["evaluate"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({  # the evaluate stage's own declarations, as top-level ones
+        "metrics": [next(iter(m)) for m in stage["metrics"]],
+        "plots": [{path: {k: v for k, v in props.items() if k != "cache"}} for p in stage["plots"]
+                  for path, props in p.items()]}), encoding="utf-8")
     dvc_bin = Path(sys.executable).parent / "dvc"  # the dvc of this interpreter's environment
     dvc = lambda *a: subprocess.run([str(dvc_bin), *a], cwd=repo, check=True, capture_output=True,  # noqa: E731
                                     text=True)
@@ -375,14 +382,14 @@ def test_dvc_metrics_and_plots_show_read_the_outputs(first, setup, tmp_path):
     dvc("init", "-q")
     shown = dvc("metrics", "show", "--json")
     assert "failed to load" not in shown.stderr
-    data = json.loads(shown.stdout)[""]["data"]["metrics/eval.json"]
+    data = json.loads(shown.stdout)[""]["data"]["metrics/eval/metrics.json"]
     assert "error" not in data
     expected = first[1]["methods"]["sdxl_tiny"]["clip_align_mean"]
     assert data["data"]["sdxl_tiny"]["mean"] == expected
     table = dvc("metrics", "show").stdout.splitlines()  # readable: one short column per headline number
     assert max(map(len, table)) < 200 and "sdxl_tiny.mean" in table[0], table
     plots = json.loads(dvc("plots", "show", "--json").stdout)
-    spec = plots["data"]["metrics/per_keyword.csv"][0]["content"]
+    spec = plots["data"]["metrics/eval/plots/custom/per_keyword.json"][0]["content"]
     assert spec["encoding"]["y"]["field"] == "label" and len(spec["data"]["values"]) == 2 * 3
 
 

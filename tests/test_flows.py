@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tipsen import testing
+from tipsen.live import read_metric
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYWORDS = ["gimjang", "sebae"]
@@ -179,7 +180,7 @@ def test_train_flow_trains_each_keyword_and_reports_the_failing_one(workspace, t
         run = report["runs"][slug]
         assert run["status"] == "trained" and run["steps"] == 4 and run["attempts"] == 1
         assert (workspace / "models" / "loras" / slug / "pytorch_lora_weights.safetensors").is_file()
-        assert (workspace / "metrics" / "train" / f"{slug}.csv").read_text().count("\n") == 5  # header + 4 steps
+        assert [step for step, _ in read_metric(workspace / "metrics" / "train" / slug, "loss")] == [1, 2, 3, 4]
     assert sorted(bank_shas(workspace / "models" / "bank.json")) == KEYWORDS
     assert report["bank"]["adapters"] == KEYWORDS
     # A ConfigError is never retried: one attempt, failed.
@@ -240,7 +241,7 @@ def test_evaluate_flow_scores_the_bank(workspace, trained):
     assert sorted(result["keywords"]) == KEYWORDS
     assert all(m["status"] == "ok" for m in result["methods"].values())
     assert json.loads((workspace / "reports" / "eval.json").read_text())["methods"] == result["methods"]
-    assert set(json.loads((workspace / "metrics" / "eval.json").read_text())) == set(result["methods"])
+    assert set(json.loads((workspace / "metrics" / "eval" / "metrics.json").read_text())) == set(result["methods"])
     assert (workspace / "reports" / "eval_table.md").is_file()
 
 
@@ -454,8 +455,10 @@ def test_results_are_versioned_the_dvc_way(demo_raw, tmp_path):
     git("add", "-A")
     git("commit", "-q", "-m", "results")
     tracked = set(git("ls-files").split())
-    assert {"dvc.lock", "metrics/eval.json", "metrics/curate.json", "metrics/per_keyword.csv"} <= tracked
-    base = json.loads((repo / "metrics" / "eval.json").read_text())
+    logs = [f"metrics/train/{s}/{f}" for s in KEYWORDS for f in ("metrics.json", "plots/metrics/loss.tsv")]
+    assert {"dvc.lock", "metrics/eval/metrics.json", "metrics/curate.json",
+            "metrics/eval/plots/custom/per_keyword.json", *logs} <= tracked  # the dvclive logs are git's
+    base = json.loads((repo / "metrics" / "eval" / "metrics.json").read_text())
     dvc("push", "-q")
     clone = tmp_path / "clone"  # a teammate's copy: git for the code, params, lock and metrics; DVC for the rest
     git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
@@ -466,11 +469,13 @@ def test_results_are_versioned_the_dvc_way(demo_raw, tmp_path):
     shown = json.loads(dvc("exp", "show", "--json"))  # rows: the workspace, then the commit and its experiments
     (commit,) = [row for row in shown if row.get("experiments")]
     (exp,) = [e for group in commit["experiments"] for e in group["revs"] if e.get("name") == "steps2"]
-    metrics = exp["data"]["metrics"]["metrics/eval.json"]["data"]
+    metrics = exp["data"]["metrics"]["metrics/eval/metrics.json"]["data"]
     assert set(metrics) == set(base)  # the experiment's own evaluation, not "!"
     assert all(isinstance(m.get("mean"), float) for m in metrics.values())
     assert exp["data"]["params"]["params.yaml"]["data"]["profiles"]["demo"]["train"]["steps"] == 2
-    assert commit["data"]["metrics"]["metrics/eval.json"]["data"] == base  # the committed results
+    assert commit["data"]["metrics"]["metrics/eval/metrics.json"]["data"] == base  # the committed results
+    trained = exp["data"]["metrics"][f"metrics/train/{KEYWORDS[0]}/metrics.json"]["data"]
+    assert trained["step"] == 2 and isinstance(trained["loss"], float)  # the experiment's training log
 
 
 def test_deployments_carry_the_retrain_schedule(workspace):

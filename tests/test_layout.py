@@ -62,9 +62,9 @@ def test_one_definition_of_each_rule():
     assert _files(r"2\s*\*\*\s*(31|32|63)|0x7FFFFFFF") == {"tipsen/config.py"}  # one seed range
     for bound in (r"ge=1, le=50\b", r"le=20\.0\b", r"ge=0\.0, le=2\.0, strict", r"ge=8, le=4096"):  # sampling bounds
         assert _files(bound) == {"tipsen/config.py"}, bound
-    # one atomic writer: temporary names and renames live in tipsen/io.py (retrain only moves a finished file)
+    # one atomic writer: temporary names and renames live in tipsen/io.py
     assert _files(r"mkstemp|mkdtemp|\.tmp\b") == {"tipsen/io.py"}
-    assert _files(r"os\.replace\(|\.rename\(") == {"tipsen/io.py", "tipsen/retrain.py"}
+    assert _files(r"os\.replace\(|\.rename\(") == {"tipsen/io.py"}
     assert _files(r"^class ConfigError") == {"tipsen/errors.py"}
     assert _files(r"def describe\(|\['msg'\]|\[\"msg\"\]") == {"tipsen/errors.py"}  # one error formatter
 

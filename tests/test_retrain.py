@@ -18,6 +18,7 @@ from tipsen import retrain
 from tipsen.bank import WEIGHTS_NAME, Bank, build_bank
 from tipsen.errors import ConfigError
 from tipsen.io import sha256_file
+from tipsen.live import read_metric
 from tipsen.testing import write_curated
 
 
@@ -80,8 +81,11 @@ def test_promote_installs_the_winner_and_swaps_the_bank_in_one_rename(live, regi
     old_bank = json.loads((live / "bank.json").read_text())
     candidate = sha256_file(live / "candidates" / "gimjang" / WEIGHTS_NAME)
     kept = sha256_file(live / "loras" / "sebae" / WEIGHTS_NAME)
-    (tmp_path / "cand-metrics" / "train").mkdir(parents=True)
-    (tmp_path / "cand-metrics" / "train" / "gimjang.csv").write_text("step,loss\n1,0.5\n")
+    curve = tmp_path / "cand-metrics" / "train" / "gimjang" / "plots" / "metrics" / "loss.tsv"  # a dvclive log
+    curve.parent.mkdir(parents=True)
+    curve.write_text("step\tloss\n1\t0.5\n")
+    (tmp_path / "metrics" / "train" / "gimjang").mkdir(parents=True)
+    (tmp_path / "metrics" / "train" / "gimjang" / "metrics.json").write_text("{}")  # the old adapter's log
     reader = open(live / "bank.json", encoding="utf-8")  # a service holding the old index open
     renames = []
     real_replace = os.replace
@@ -99,7 +103,9 @@ def test_promote_installs_the_winner_and_swaps_the_bank_in_one_rename(live, regi
     assert bank.verify("gimjang") is None and bank.verify("sebae") is None
     assert not (live / "candidates" / "gimjang").exists()  # installed
     assert (live / "candidates" / "sebae" / WEIGHTS_NAME).is_file()  # refused: kept for inspection
-    assert (tmp_path / "metrics" / "train" / "gimjang.csv").read_text().startswith("step,loss")
+    assert read_metric(tmp_path / "metrics" / "train" / "gimjang", "loss") == [(1, 0.5)]  # the log came along
+    assert not (tmp_path / "metrics" / "train" / "gimjang" / "metrics.json").exists()  # whole: the old one is gone
+    assert not (tmp_path / "cand-metrics" / "train" / "gimjang").exists()
     assert sorted(p.name for p in live.iterdir()) == ["bank.json", "candidates", "loras", "promotions.jsonl"]
     history = [json.loads(line) for line in (live / "promotions.jsonl").read_text().splitlines()]
     assert [(h["slug"], h["promote"]) for h in history] == [("gimjang", True), ("sebae", False)]

@@ -17,6 +17,7 @@ import yaml
 from tipsen.bank import WEIGHTS_NAME, adapter_metadata, build_bank
 from tipsen.errors import ConfigError
 from tipsen.io import sha256_file
+from tipsen.live import read_metric
 from tipsen.testing import write_curated, write_params
 from tipsen.train import CHECKPOINT_NAME, TrainingError, train
 
@@ -62,7 +63,7 @@ def trained(tmp_path_factory, quick, data):
     return tmp, summary, logged
 
 
-def test_publishes_a_lora_that_stock_pipelines_load(trained):
+def test_publishes_a_lora_that_stock_pipelines_load(trained, quick):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
@@ -94,8 +95,15 @@ def test_publishes_a_lora_that_stock_pipelines_load(trained):
     from PIL import Image
 
     assert Image.open(out / "validation.png").size == (2 * 64, 2 * 64)  # 2 seeds x (base, base + LoRA)
-    rows = (tmp / "metrics" / "train" / f"{SLUG}.csv").read_text().splitlines()
-    assert rows[0] == "step,loss" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4]
+    log_dir = tmp / "metrics" / "train" / SLUG  # the dvclive log, as dvc plots and dvc exp show read it
+    losses = read_metric(log_dir, "loss")
+    assert [step for step, _ in losses] == [1, 2, 3, 4] and losses[-1][1] == s["final_loss"]
+    lr = quick.train.learning_rate
+    assert read_metric(log_dir, "lr") == [(step, lr) for step in (1, 2, 3, 4)]  # constant, as the paper trains
+    head = json.loads((log_dir / "metrics.json").read_text())
+    assert head == {"loss": s["final_loss"], "lr": lr, "step": 4, "loss_mean": s["final_loss_mean"]}
+    assert (log_dir / "plots" / "images" / "validation.png").read_bytes() == (out / "validation.png").read_bytes()
+    assert sorted(p.name for p in log_dir.iterdir()) == ["metrics.json", "plots"]  # no dvc.yaml, report or params
     assert [s for s, _ in logged] == [1, 2, 3, 4]
     assert not (tmp / "ckpt" / SLUG).exists()  # removed after a successful publish
 
@@ -115,7 +123,7 @@ def test_loss_goes_down(demo_params, data, tmp_path):
                         checkpoint_every=1000, validation_seeds=[])
     s = train(params, SLUG, data, tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", metrics_dir=tmp_path,
               progress=False)
-    losses = [float(r.split(",")[1]) for r in (tmp_path / "train" / f"{SLUG}.csv").read_text().splitlines()[1:]]
+    losses = [loss for _, loss in read_metric(tmp_path / "train" / SLUG, "loss")]
     assert len(losses) == 30 and s.final_loss == pytest.approx(losses[-1], rel=1e-5)
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.03
 
@@ -124,8 +132,10 @@ def test_uncached_path_trains_the_same(quick, data, tmp_path, trained):
     fresh = train(with_train(quick, validation_seeds=[]), SLUG, data, tmp_path / "out", checkpoint_dir=tmp_path / "c",
                   metrics_dir=tmp_path, cache=False, progress=False)
     assert trained[1].cache and not fresh.cache
-    cached_log = (trained[0] / "metrics" / "train" / f"{SLUG}.csv").read_text()
-    assert (tmp_path / "train" / f"{SLUG}.csv").read_text() == cached_log  # same losses to the printed 6 digits
+    cached = read_metric(trained[0] / "metrics" / "train" / SLUG, "loss")
+    assert np.allclose([v for _, v in read_metric(tmp_path / "train" / SLUG, "loss")], [v for _, v in cached],
+                       rtol=1e-5, atol=0)  # the same losses, to float rounding
+    assert not (tmp_path / "train" / SLUG / "plots" / "images" / "validation.png").exists()  # no validation seeds
 
 
 def test_resume_is_exact_and_other_runs_checkpoints_are_ignored(quick, data, tmp_path, trained):
@@ -263,8 +273,8 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(data, tmp_path, trained)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["resumed_from"] == 2 and summary["params_hash"] == trained[1].params_hash and not ckpt.exists()
-    rows = (tmp_path / "metrics" / "train" / f"{SLUG}.csv").read_text()
-    assert rows == (trained[0] / "metrics" / "train" / f"{SLUG}.csv").read_text()  # the loss log is whole
+    curve = (tmp_path / "metrics" / "train" / SLUG / "plots" / "metrics" / "loss.tsv").read_bytes()
+    assert curve == (trained[0] / "metrics" / "train" / SLUG / "plots" / "metrics" / "loss.tsv").read_bytes()  # whole
     reference = trained[0] / "models" / "loras" / SLUG / WEIGHTS_NAME
     assert sha256_file(out / WEIGHTS_NAME) == sha256_file(reference)  # bit for bit, across processes too
 
@@ -294,7 +304,7 @@ def test_dvc_repro_retrains_only_the_keyword_whose_data_changed(tmp_path, regist
     first = sh(str(BIN / "dvc"), "repro")
     assert f"Running stage 'train@{SLUG}'" in first and f"Running stage 'train@{OTHER}'" in first
     other_weights = sha256_file(repo / "models" / "loras" / OTHER / WEIGHTS_NAME)
-    assert (repo / "metrics" / "train" / f"{SLUG}.csv").is_file()
+    assert read_metric(repo / "metrics" / "train" / SLUG, "loss")[-1][0] == 2
 
     write_curated(repo / "data" / "curated", SLUG, registry=registry, n=2, heldout=0, seed=1)  # new images, one keyword
     second = sh(str(BIN / "dvc"), "repro")

@@ -23,12 +23,14 @@ from PIL.PngImagePlugin import PngInfo
 from tipsen import metrics, paths
 from tipsen.config import SEED_MAX, EvalMethod, Params, load_params
 from tipsen.errors import ConfigError
-from tipsen.io import sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
+from tipsen.io import publish_dir, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
+from tipsen.live import open_live
 from tipsen.registry import Registry
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the generation or embedding recipe changes, so caches are not reused
+SCORES = ("clip_align", "dino_align", "clip_t", "diversity")  # a per-keyword row's numbers
 GRID_CELL = 128  # px per grid cell: readable labels even for 64 px demo images
 TINY_NOTE = ("DEMO NUMBERS: produced by random tiny models ({refs}); they say nothing about image quality. "
              "Only a run on real model references reproduces the paper's table.")
@@ -377,12 +379,11 @@ def write_table(result: dict, path: Path) -> None:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     buf = io.StringIO()
-    keys = ["keyword", "method", "label", "clip_align", "dino_align", "clip_t", "diversity"]
+    keys = ["keyword", "method", "label", *SCORES]
     writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if _r(row[k]) is None else _r(row[k])) if k not in keys[:3] else row[k]
-                         for k in keys})
+        writer.writerow({k: ("" if _r(row[k]) is None else _r(row[k])) if k in SCORES else row[k] for k in keys})
     write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
 
 
@@ -484,8 +485,9 @@ def _adapters(runs: list[Run], bank: Path, slugs: list[str], skipped: dict[str, 
 def evaluate(params: Params, *, curated: Path = Path("data/curated"), bank: Path | None = None,
              metrics_dir: Path = Path("metrics"), reports_dir: Path = Path("reports"), cache_dir: Path | None = None,
              keywords: list[str] | None = None) -> dict:
-    """Run the evaluation and write metrics/eval.json (the headline), metrics/per_keyword.csv, and in `reports_dir`
-    eval.json (everything), eval_table.md and eval_grid.png; return the full result."""
+    """Run the evaluation and write its dvclive log metrics/eval/ (`write_live`: the headline and the per-keyword
+    plot), and in `reports_dir` eval.json (everything), per_keyword.csv, eval_table.md and eval_grid.png; return the
+    full result."""
     ev, registry = params.eval, Registry.load()
     if not ev.methods:
         raise ConfigError("eval.methods: empty; declare at least one method (name, base, lora, assist, ...)")
@@ -517,9 +519,9 @@ def evaluate(params: Params, *, curated: Path = Path("data/curated"), bank: Path
         "bootstrap": {"samples": ev.bootstrap, "seed": ev.seed, "level": 0.95},
         "dino": dino, "methods": methods, "comparisons": comparisons,
     }
-    write_json_atomic(Path(metrics_dir) / "eval.json", headline(result))
     write_json_atomic(Path(reports_dir) / "eval.json", result)
-    write_csv(rows, Path(metrics_dir) / "per_keyword.csv")
+    write_csv(rows, Path(reports_dir) / "per_keyword.csv")
+    write_live(result, rows, Path(metrics_dir) / "eval")
     write_table(result, Path(reports_dir) / "eval_table.md")
     write_grid(runs, slugs=slugs[: ev.grid_keywords], real=real, source=source, registry=registry,
                path=Path(reports_dir) / "eval_grid.png")
@@ -530,11 +532,24 @@ def evaluate(params: Params, *, curated: Path = Path("data/curated"), bank: Path
 
 
 def headline(result: dict) -> dict:
-    """metrics/eval.json: what `dvc metrics show` and `dvc exp show` put in columns, one short column per number:
-    each method's CLIP image alignment over keywords (`<method>.mean`, `<method>.std`), or its failed status. The
-    rest (models, images, CIs, DINO, CLIP-T, diversity, comparisons) is in reports/eval.json and the CSV."""
+    """metrics/eval/metrics.json: what `dvc metrics show` and `dvc exp show` put in columns, one short column per
+    number: each method's CLIP image alignment over keywords (`<method>.mean`, `<method>.std`), or its failed status.
+    The rest (models, images, CIs, DINO, CLIP-T, diversity, comparisons) is in reports/eval.json and the CSV."""
     return {key: ({"mean": m["clip_align_mean"], "std": m["clip_align_std"]} if m["status"] == "ok"
                   else {"status": m["status"]}) for key, m in result["methods"].items()}
+
+
+def write_live(result: dict, rows: list[dict], folder: Path) -> None:
+    """The evaluation's dvclive log, published whole: the headline as its summary and every keyword's scores as
+    the custom plot `per_keyword` (a horizontal bar per keyword and method, `dvc plots show`)."""
+    with publish_dir(folder) as tmp:
+        live = open_live(tmp, what="the evaluation log (--metrics)")
+        for key, values in headline(result).items():
+            for name, value in values.items():
+                live.log_metric(f"{key}/{name}", value, plot=False)
+        live.log_plot("per_keyword", [{k: _r(v) if k in SCORES else v for k, v in row.items()} for row in rows],
+                      x="clip_align", y="label", template="bar_horizontal", title="CLIP image alignment per keyword")
+        live.end()
 
 
 def keyword_alignment(params: Params, slug: str, *, bank: Path, curated: Path, images: int | None = None,
@@ -569,9 +584,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--curated", default="data/curated", help="curated dataset (real images: held-out split)")
     parser.add_argument("--bank", default=None, help=f"LoRA bank index (default: {paths.BANK})")
     parser.add_argument("--metrics", default="metrics",
-                        help="directory for eval.json (the headline) and per_keyword.csv")
+                        help="metrics root; the dvclive log (headline and per-keyword plot) goes to METRICS/eval/")
     parser.add_argument("--reports", default="reports",
-                        help="directory for eval.json (everything), eval_table.md and eval_grid.png")
+                        help="directory for eval.json (everything), per_keyword.csv, eval_table.md and eval_grid.png")
     parser.add_argument("--keywords", default=None, help="comma-separated slugs (default: eval.keywords or keywords)")
     parser.add_argument("--cache", default=None, help="image/embedding cache (default: $TIPSEN_HOME/cache/eval)")
 

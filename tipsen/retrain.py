@@ -168,10 +168,11 @@ def promote(decisions: list[Decision], *, candidates: Path, loras: Path, bank: P
         with publish_dir(Path(loras) / slug) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
         shutil.rmtree(src)
-        plot = Path(candidate_metrics or "") / "train" / f"{slug}.csv"
-        if candidate_metrics and metrics and plot.is_file():  # the loss curve travels with its adapter
-            (Path(metrics) / "train").mkdir(parents=True, exist_ok=True)
-            os.replace(plot, Path(metrics) / "train" / f"{slug}.csv")
+        log_dir = Path(candidate_metrics or "") / "train" / slug
+        if candidate_metrics and metrics and log_dir.is_dir():  # the training log travels with its adapter
+            with publish_dir(Path(metrics) / "train" / slug) as tmp:
+                shutil.copytree(log_dir, tmp, dirs_exist_ok=True)
+            shutil.rmtree(log_dir)
     if promoted:  # the whole index is rewritten in one rename: a reader sees the old bank or the new
         build_bank(Path(loras), bank, keywords=keywords, registry=registry, base_model=base_model)
     with open(bank.parent / HISTORY_NAME, "a", encoding="utf-8") as f:

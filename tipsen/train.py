@@ -26,7 +26,8 @@ from tipsen import train_data as td
 from tipsen.bank import META_PREFIX, SUMMARY_NAME, WEIGHTS_NAME
 from tipsen.config import Params, TrainParams, load_params
 from tipsen.errors import ConfigError
-from tipsen.io import exclusive, publish_dir, sha256_json, sweep_stale, write_text_atomic
+from tipsen.io import exclusive, publish_dir, sha256_json, sweep_stale
+from tipsen.live import log_step, open_live
 from tipsen.lora_batch import expected_warnings_quiet
 from tipsen.models import load_pipeline, resolve_device
 from tipsen.registry import Keyword, Registry
@@ -122,6 +123,11 @@ class Trainer:
                                      eps=cfg.adam_epsilon)
         self.scaler = torch.amp.GradScaler(self.device, enabled=self.precision == "fp16")
         self.step_no, self.losses = 0, []
+
+    @property
+    def lr(self) -> float:
+        """The optimizer's learning rate (constant, as the paper trains)."""
+        return float(self.opt.param_groups[0]["lr"])
 
     @property
     def pipe(self):
@@ -288,10 +294,6 @@ def _canonical(blob: bytes) -> bytes:
     return len(header).to_bytes(8, "little") + header + blob[8 + n:]
 
 
-def _write_csv(path: Path, losses: list[float]) -> None:
-    write_text_atomic(path, "step,loss\n" + "".join(f"{i},{v:.6g}\n" for i, v in enumerate(losses, 1)))
-
-
 def _peak_memory(device: str) -> int:
     import resource
 
@@ -308,7 +310,8 @@ def train(params: Params, slug: str, data: Path, out: Path, *, checkpoint_dir: P
     """Train one keyword's LoRA on `data/<slug>` and publish it atomically at `out`.
 
     `checkpoint_dir` defaults to `paths.checkpoint_dir(out)` (models/loras/x -> models/.checkpoints/x);
-    `metrics_dir` (if given) receives train/<slug>.csv; `log_fn(step, mean loss)` is called every
+    `metrics_dir` (if given) receives the dvclive log train/<slug>/ (loss and learning rate per step, the summary,
+    the validation grid); `log_fn(step, mean loss)` is called every
     `train.log_every` steps. A second run into the same `out` while one is running fails at once, naming it.
     """
     cfg, out = params.train, Path(out)
@@ -328,18 +331,22 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
     phash, dhash = params_hash(params), td.dataset_hash(examples)
     run_key = sha256_json([phash, dhash, params.models.base, slug])
     ckpt = Path(checkpoint_dir or paths.checkpoint_dir(out)) / CHECKPOINT_NAME
-    csv = Path(metrics_dir) / "train" / f"{slug}.csv" if metrics_dir else None
     t0 = time.perf_counter()
+    live = open_live(Path(metrics_dir) / "train" / slug, what="the training log (--metrics)") if metrics_dir else None
     trainer = Trainer(params, kw, examples, cache=cache)
     start = trainer.load_checkpoint(ckpt, run_key)
     if start:
         log.info("resuming %s from step %d (%s)", slug, start, ckpt)
+    for step, value in enumerate(trainer.losses if live else [], 1):  # a resumed run's log is the checkpoint's
+        log_step(live, step, loss=value, lr=trainer.lr)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {slug}", disable=not progress, dynamic_ncols=True)
     t_loop = time.perf_counter()
     for step in range(start + 1, cfg.steps + 1):
         loss = trainer.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
+        if live:
+            log_step(live, step, loss=loss, lr=trainer.lr)
         if step % cfg.log_every == 0:
             window = trainer.losses[-cfg.log_every:]
             (log.debug if progress else log.info)("step %d loss %.4f", step, sum(window) / len(window))
@@ -347,8 +354,6 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
                 log_fn(step, sum(window) / len(window))
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             trainer.save_checkpoint(ckpt, run_key)
-            if csv:
-                _write_csv(csv, trainer.losses)
     bar.close()
     loop_s = time.perf_counter() - t_loop
     tail = trainer.losses[-cfg.log_every:]
@@ -368,8 +373,12 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
             validation_grid(params, kw, tmp).save(tmp / VALIDATION_NAME)
         summary.wall_time_s = round(time.perf_counter() - t0, 3)
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary.as_dict(), indent=2) + "\n", encoding="utf-8")
-    if csv:
-        _write_csv(csv, trainer.losses)
+    if live:
+        live.log_metric("loss_mean", summary.final_loss_mean, plot=False)  # over the last train.log_every steps
+        if (out / VALIDATION_NAME).is_file():
+            live.log_image(VALIDATION_NAME, out / VALIDATION_NAME)
+        (Path(live.plots_dir) / "images").mkdir(exist_ok=True)  # a dvc.yaml output, empty without validation seeds
+        live.end()
     checkpoint.remove(ckpt)
     with contextlib.suppress(OSError):  # keep the folder if something else lives there
         ckpt.parent.rmdir()
@@ -386,7 +395,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint-dir", default=None,
                         help="checkpoint folder (default: models/.checkpoints/NAME for --out models/loras/NAME)")
     parser.add_argument("--metrics", default=None,
-                        help="metrics root; the loss log goes to METRICS/train/SLUG.csv (default: no loss log)")
+                        help="metrics root; the dvclive log goes to METRICS/train/SLUG/ (default: no log)")
     parser.add_argument("--no-cache", action="store_true", help="encode latents and prompts every step")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
