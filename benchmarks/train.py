@@ -71,6 +71,7 @@ def sdxl_main(args) -> None:
     from diffusers import UNet2DConditionModel
 
     from tipsen.config import load_params
+    from tipsen.live import log_step, open_live
     from tipsen.registry import Registry
     from tipsen.testing import write_curated
     from tipsen.train import Trainer
@@ -139,6 +140,7 @@ def main() -> None:
     import torch
 
     from tipsen.config import load_params
+    from tipsen.live import log_step, open_live
     from tipsen.registry import Registry
     from tipsen.testing import write_curated
     from tipsen.train import Trainer
@@ -169,6 +171,18 @@ def main() -> None:
         save = timeit(lambda: cached.save_checkpoint(ckpt, "bench"), reps=reps, warmup=1)
         load = timeit(lambda: cached.load_checkpoint(ckpt, "bench"), reps=reps, warmup=1)
         size = ckpt.stat().st_size
+        # The dvclive log (tipsen.live): one step's row of loss and rate plus the summary, as the loop writes it;
+        # and a resume's replay of the paper's 500 steps from the checkpoint's losses
+        live = open_live(tmp / "log", what="benchmark")
+        counter = iter(range(1, 10**6))
+        log_one = timeit(lambda: log_step(live, next(counter), loss=0.1, lr=2e-4), reps=50, warmup=5)
+
+        def replay():
+            again = open_live(tmp / "replay", what="benchmark")
+            for i in range(1, 501):
+                log_step(again, i, loss=0.1, lr=2e-4)
+
+        log_replay = timeit(replay, reps=3, warmup=1)
 
     step_c, step_u = loop["a"]["median"] / steps, loop["b"]["median"] / steps
     rows = [
@@ -180,15 +194,20 @@ def main() -> None:
         {"what": "  of which text encode", "median_s": text["median"], "min_s": text["min"], "max_s": text["max"]},
         {"what": "checkpoint save", "median_s": save["median"], "min_s": save["min"], "max_s": save["max"]},
         {"what": "checkpoint resume", "median_s": load["median"], "min_s": load["min"], "max_s": load["max"]},
+        {"what": "dvclive log, one step", "median_s": log_one["median"], "min_s": log_one["min"],
+         "max_s": log_one["max"]},
+        {"what": "dvclive log, replay of 500 steps", "median_s": log_replay["median"], "min_s": log_replay["min"],
+         "max_s": log_replay["max"]},
     ]
     print(table(rows))
     ratio = step_u / step_c
     expected = (step_c + vae["median"] + text["median"]) / step_c
     print(f"cache makes a step {ratio:.2f}x cheaper (target >= 1.5x; the encoders' share predicts {expected:.2f}x); "
           f"checkpoint {size / 1e6:.2f} MB, "
-          f"save = {save['median'] / step_c:.2f} steps, resume = {load['median'] / step_c:.2f} steps")
+          f"save = {save['median'] / step_c:.2f} steps, resume = {load['median'] / step_c:.2f} steps; "
+          f"the dvclive log costs {log_one['median'] / step_c:.1%} of a cached step")
     out = write_result("train" + ("-smoke" if args.smoke else ""), {
-        "rows": rows, "uncached_over_cached": ratio, "predicted_from_components": expected, "checkpoint_bytes": size,
+        "rows": rows, "uncached_over_cached": ratio, "log_over_step": log_one["median"] / step_c, "predicted_from_components": expected, "checkpoint_bytes": size,
         "steps_per_sample": steps,
         "paired": loop}, params={"profile": args.profile, "base": params.models.base, "images": images,
                                  "train": params.train.model_dump(mode="json"), "threads": torch.get_num_threads(),
