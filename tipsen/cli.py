@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("tipsen.generate", "generate an image from a senior's prompt"),
     "refine": ("tipsen.assistant", "refine a prompt with the Senior Prompting Assistant"),
     "evaluate": ("tipsen.evaluate", "CLIP image-alignment evaluation (the paper's Table II)"),
+    "export": ("tipsen.export", "write an adapter for AUTOMATIC1111, ComfyUI and kohya's sd-scripts"),
     "serve": ("tipsen.server", "run the BentoML HTTP service"),
     "models": ("tipsen.models", "build tiny models or show where a model reference resolves"),
     "config": ("tipsen.config", "print the resolved params of a profile"),

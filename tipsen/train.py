@@ -365,7 +365,7 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
         num_images=trainer.n, resumed_from=start, cache=cache, encoded=trainer.encoded)
     meta = {"slug": slug, "keyword": kw.keyword, "class_token": kw.class_token, "rank": str(cfg.rank),
             "alpha": str(cfg.alpha), "base_model": params.models.base, "params_hash": phash,
-            "steps": str(cfg.steps), "dataset_hash": dhash}
+            "steps": str(cfg.steps), "resolution": str(cfg.resolution), "dataset_hash": dhash}
     with publish_dir(out) as tmp:
         trainer.save_weights(tmp, {META_PREFIX + k: v for k, v in meta.items()})
         trainer.release()
