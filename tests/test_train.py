@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,6 +166,65 @@ def test_resume_is_exact_and_other_runs_checkpoints_are_ignored(quick, data, tmp
     # Same data, params and seed: the same bytes as the uninterrupted run of the shared fixture.
     assert sha256_file(out / WEIGHTS_NAME) == sha256_file(reference)
     assert resumed.final_loss == trained[1].final_loss
+
+
+def test_schedule_and_accumulation_follow_diffusers_and_resume_exactly(quick, data, tmp_path, trained):
+    from diffusers.optimization import get_scheduler
+
+    from tipsen.train import Trainer, learning_rates, params_hash
+
+    params = with_train(quick, steps=6, checkpoint_every=3, lr_scheduler="cosine", lr_warmup_steps=2,
+                        gradient_accumulation_steps=2, validation_seeds=[])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=params.train.learning_rate)
+    schedule = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=6)
+    expected = []
+    for _ in range(6):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert learning_rates(params.train) == expected and expected[0] == 0.0 and max(expected) == quick.train.learning_rate
+
+    def crash(step, loss):
+        if step == 4:
+            raise KeyboardInterrupt  # after the step-3 checkpoint, in the cosine part
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train(params, SLUG, data, tmp_path / "a", checkpoint_dir=ckpt, metrics_dir=tmp_path / "m1", progress=False,
+              log_fn=crash)
+    resumed = train(params, SLUG, data, tmp_path / "a", checkpoint_dir=ckpt, metrics_dir=tmp_path / "m1",
+                    progress=False)
+    straight = train(params, SLUG, data, tmp_path / "b", checkpoint_dir=tmp_path / "c2", metrics_dir=tmp_path / "m2",
+                     progress=False)
+    assert resumed.resumed_from == 3 and resumed.final_loss == straight.final_loss
+    assert sha256_file(tmp_path / "a" / WEIGHTS_NAME) == sha256_file(tmp_path / "b" / WEIGHTS_NAME)
+    for log in ("m1", "m2"):  # the rate each step was taken at, in the log: the schedule, also after a resume
+        assert read_metric(tmp_path / log / "train" / SLUG, "lr") == list(enumerate(expected, 1))
+    assert read_metric(tmp_path / "m1" / "train" / SLUG, "loss") == read_metric(tmp_path / "m2" / "train" / SLUG, "loss")
+    # two batches per step draw other batches than one: the weights differ from the plain schedule's
+    plain = train(with_train(params, gradient_accumulation_steps=1), SLUG, data, tmp_path / "p",
+                  checkpoint_dir=tmp_path / "c3", progress=False)
+    assert plain.final_loss != straight.final_loss
+
+    # the defaults hash as before these settings existed: an upgrade marks no adapter stale
+    assert params_hash(quick) == trained[1].params_hash
+    assert params_hash(with_train(quick, gradient_accumulation_steps=2)) != params_hash(quick)
+    assert Trainer.step.__doc__ and "gradient_accumulation_steps" in Trainer.step.__doc__
+
+
+@pytest.mark.parametrize("update, says", [
+    ({"lr_warmup_steps": 2}, "lr_warmup_steps: the constant schedule has no warmup"),
+    ({"lr_scheduler": "cosine", "lr_warmup_steps": 4}, "lr_warmup_steps: 4 must be below steps (4)"),
+    ({"lr_scheduler": "polynomial"}, "lr_scheduler"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+])
+def test_bad_schedule_settings_name_the_field(quick, update, says):
+    from pydantic import ValidationError
+
+    from tipsen.config import TrainParams
+
+    with pytest.raises(ValidationError, match=re.escape(says)):
+        TrainParams.model_validate({**quick.train.model_dump(), **update})
 
 
 def test_nan_loss_names_the_step_and_publishes_nothing(quick, data, tmp_path):

@@ -87,6 +87,9 @@ class TrainParams(Section):
     target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
     train_text_encoder: bool = False
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"  # the paper's
+    lr_warmup_steps: int = Field(0, ge=0)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)  # batches per optimizer step
     optimizer: Literal["adamw"] = "adamw"
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
@@ -111,6 +114,15 @@ class TrainParams(Section):
     allow_tf32: bool = True
     validation_seeds: list[int] = [0, 1]  # columns of validation.png; [] skips the grid
     sample_steps: int = Field(28, ge=1, le=200)  # denoising steps for prior class images and validation.png
+
+    @model_validator(mode="after")
+    def _warmup_has_a_schedule(self) -> "TrainParams":
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            raise ValueError("lr_warmup_steps: the constant schedule has no warmup; use lr_scheduler "
+                             "constant_with_warmup, linear or cosine")
+        if self.lr_warmup_steps >= self.steps:
+            raise ValueError(f"lr_warmup_steps: {self.lr_warmup_steps} must be below steps ({self.steps})")
+        return self
 
 
 class GenerateParams(Section):
@@ -208,6 +220,9 @@ class ServiceParams(Section):
     allowed_hosts: list[HostName] = Field(default_factory=list)  # Host names besides localhost and IPs; "*": any
     log_prompts: bool = False  # a senior's words are personal: they appear in the server log only when true
     gpus: int = Field(1, ge=0, le=1)  # one SDXL worker per GPU; scale out with replicas
+    # Hub models a Bento packs (the base; the assistant's LLM, gated, when the backend is transformers); any other
+    # is downloaded when the container starts. tiny: refs and local paths are never packed.
+    pack: list[Literal["base", "llm"]] = ["base"]
 
     @model_validator(mode="after")
     def _limits_agree(self) -> "ServiceParams":

@@ -69,12 +69,35 @@ class TrainSummary:
 
 # Train params that change how a run is logged, checkpointed or previewed, never its weights.
 NOT_IN_WEIGHTS = frozenset({"checkpoint_every", "log_every", "validation_seeds"})
+# Train params added after adapters were first published: at their defaults they leave the hash as it was, so
+# upgrading tipsen marks no adapter stale.
+ADDED_LATER = ("lr_scheduler", "lr_warmup_steps", "gradient_accumulation_steps")
 
 
 def params_hash(params: Params) -> str:
     """What an adapter's weights depend on besides its data: changing anything else retrains nothing."""
-    return sha256_json({"train": params.train.model_dump(mode="json", exclude=set(NOT_IN_WEIGHTS)),
-                        "base": params.models.base, "pipeline_class": params.models.pipeline_class})
+    train = params.train.model_dump(mode="json", exclude=set(NOT_IN_WEIGHTS))
+    for key in ADDED_LATER:
+        if train[key] == TrainParams.model_fields[key].default:
+            del train[key]
+    return sha256_json({"train": train, "base": params.models.base, "pipeline_class": params.models.pipeline_class})
+
+
+def learning_rates(cfg: TrainParams) -> list[float]:
+    """The learning rate of each of `cfg.steps` optimizer steps under `train.lr_scheduler`, from diffusers'
+    get_scheduler (on a stand-in parameter: the schedule depends only on the step)."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
+    schedule = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
+                             num_training_steps=cfg.steps)
+    rates = []
+    for _ in range(cfg.steps):
+        rates.append(float(opt.param_groups[0]["lr"]))
+        opt.step()  # no gradient, so nothing moves; torch expects it before each schedule step
+        schedule.step()
+    return rates
 
 
 def _precision(cfg: TrainParams, device: str) -> str:
@@ -122,12 +145,8 @@ class Trainer:
                                      betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                                      eps=cfg.adam_epsilon)
         self.scaler = torch.amp.GradScaler(self.device, enabled=self.precision == "fp16")
+        self.rates = learning_rates(cfg)  # step i's rate is rates[i - 1]: resuming at any step needs no state
         self.step_no, self.losses = 0, []
-
-    @property
-    def lr(self) -> float:
-        """The optimizer's learning rate (constant, as the paper trains)."""
-        return float(self.opt.param_groups[0]["lr"])
 
     @property
     def pipe(self):
@@ -176,7 +195,32 @@ class Trainer:
         return loss.mean()
 
     def step(self) -> float:
-        """One optimizer step; returns its loss, or raises TrainingError on a NaN or inf loss."""
+        """One optimizer step over `train.gradient_accumulation_steps` batches at this step's learning rate;
+        returns the mean loss, or raises TrainingError on a NaN or inf loss."""
+        import torch
+
+        cfg, micro = self.cfg, self.cfg.gradient_accumulation_steps
+        for group in self.opt.param_groups:
+            group["lr"] = self.rates[self.step_no]
+        value = 0.0
+        for _ in range(micro):
+            loss = self._batch_loss()
+            value += loss.item() / micro
+            if not np.isfinite(value):
+                raise TrainingError(f"step {self.step_no + 1}: loss is {loss.item()}; the run diverged "
+                                    f"(train.learning_rate is {cfg.learning_rate}; try a lower one)")
+            self.scaler.scale(loss / micro if micro > 1 else loss).backward()  # gradients sum over the batches
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_([p for _, p in self.named], cfg.max_grad_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.step_no += 1
+        self.losses.append(value)
+        return value
+
+    def _batch_loss(self):
+        """The loss of one freshly drawn batch (images, noise and timesteps from the trainer's generator)."""
         import torch
 
         cfg, bs, g = self.cfg, self.cfg.batch_size, self.gen
@@ -196,23 +240,9 @@ class Trainer:
             pred = self.forward(noisy.to(dtype), t, encoder_hidden_states=embeds.to(dtype), return_dict=False,
                                 **extra)[0]
         if self.data.n_prior:
-            loss = self._loss(pred[:bs], target[:bs], t[:bs]) + \
+            return self._loss(pred[:bs], target[:bs], t[:bs]) + \
                 cfg.prior_loss_weight * self._loss(pred[bs:], target[bs:], t[bs:])
-        else:
-            loss = self._loss(pred, target, t)
-        value = loss.item()
-        if not np.isfinite(value):
-            raise TrainingError(f"step {self.step_no + 1}: loss is {value}; the run diverged "
-                                f"(train.learning_rate is {cfg.learning_rate}; try a lower one)")
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_([p for _, p in self.named], cfg.max_grad_norm)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        self.step_no += 1
-        self.losses.append(value)
-        return value
+        return self._loss(pred, target, t)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -338,7 +368,7 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
     if start:
         log.info("resuming %s from step %d (%s)", slug, start, ckpt)
     for step, value in enumerate(trainer.losses if live else [], 1):  # a resumed run's log is the checkpoint's
-        log_step(live, step, loss=value, lr=trainer.lr)
+        log_step(live, step, loss=value, lr=trainer.rates[step - 1])
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {slug}", disable=not progress, dynamic_ncols=True)
     t_loop = time.perf_counter()
     for step in range(start + 1, cfg.steps + 1):
@@ -346,7 +376,7 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if live:
-            log_step(live, step, loss=loss, lr=trainer.lr)
+            log_step(live, step, loss=loss, lr=trainer.rates[step - 1])
         if step % cfg.log_every == 0:
             window = trainer.losses[-cfg.log_every:]
             (log.debug if progress else log.info)("step %d loss %.4f", step, sum(window) / len(window))
