@@ -5,6 +5,11 @@ Configuration comes from `params.yaml` (TIPSEN_PARAMS; profile: TIPSEN_PROFILE) 
 the APIs answer 503 until loading is done. The bank is read once, at startup: after `tipsen bank build` (or
 `dvc repro`) restart the service to serve new or retrained adapters.
 
+`bentoml build` packages it for the profile active then: the Bento records that profile, declares the profile's
+hub models (service.pack) so that `bentoml containerize` copies their files into the image, and refuses a bank
+trained on another base model. A built Bento loads its packed models from those copies; the service itself never
+downloads them.
+
 POST /generate (JSON, base64 PNGs), POST /generate_png (one image/png body), POST /refine, GET /keywords,
 GET /route, GET / (the web page), /livez, /readyz. POST /generate_batch is private: each handler resolves its request
 into a Plan (a bad request is a 400 before it is admitted) and sends the plan there; BentoML's dispatcher forms the
@@ -17,6 +22,7 @@ import base64
 import io
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,9 +38,11 @@ from starlette.staticfiles import StaticFiles
 from service.middleware import INTERNAL_HEADER, INTERNAL_TOKEN, ErrorShape, Guard, PublicDocument, one_line
 from tipsen import paths, privacy
 from tipsen.assistant import Refinement
+from tipsen.bank import require_base
 from tipsen.config import Seed, Slug, load_params
 from tipsen.errors import ConfigError
 from tipsen.generate import GenerationRequest, PictureRequest, Plan
+from tipsen.models import local_snapshot, packed, use_local_copy
 from tipsen.privacy import shown
 from tipsen.registry import Registry
 
@@ -45,6 +53,31 @@ PARAMS = load_params(os.environ.get("TIPSEN_PARAMS") or ROOT / paths.PARAMS)
 GEN, SVC = PARAMS.generate, PARAMS.service
 BANK = Path(os.environ.get("TIPSEN_BANK") or ROOT / paths.BANK)
 privacy.log_prompts(SVC.log_prompts)
+# The hub models a Bento of this profile packs, by reference. Never read them through the service instance:
+# BentoML's descriptor would download whatever is missing.
+HUB = {ref: bentoml.models.HuggingFaceModel(ref, **files) for ref, files in packed(PARAMS).items()}
+
+
+def building() -> bool:
+    """Whether `bentoml build` is importing this module. BentoML 1.4 sets no flag for it: its build command imports
+    the service in the command's own process, while a serving worker has its index set before it imports."""
+    click = sys.modules.get("click")  # bentoml's command line runs on click; no click loaded, no command running
+    ctx = click.get_current_context(silent=True) if click else None
+    return ctx is not None and ctx.command.name == "build" and bentoml.server_context.worker_index is None
+
+
+if building():
+    try:  # the bank the Bento packs (bentofile.yaml) must be for the base model it serves
+        require_base(ROOT / paths.BANK, PARAMS.models.base, profile=PARAMS.profile)
+    except ConfigError as exc:
+        raise SystemExit(f"bentoml build: {exc}") from None  # one line, even under --output tag
+    for ref, model in HUB.items():
+        try:  # the revision the Bento records, asked of the Hub now rather than in a traceback from BentoML
+            model.commit_hash
+        except Exception as exc:  # offline, not found, or gated without HF_TOKEN: the reason is in the message
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else "no answer"
+            raise SystemExit(f"bentoml build: models: cannot read {ref!r} from the Hub ({type(exc).__name__}: "
+                             f"{why}); leave it out of service.pack to download it when the container starts") from None
 
 
 class QuietClientErrors(logging.Filter):
@@ -226,8 +259,12 @@ NOT_READY = {503: {"model": ErrorOut, "description": "still loading"}}
     resources={"gpu": SVC.gpus} if SVC.gpus else {"cpu": "2"},
     workers=1,  # one SDXL pipeline per GPU; scale out with replicas
     endpoints={"livez": "/livez", "readyz": "/readyz"},
+    envs=[{"name": "TIPSEN_PROFILE", "value": PARAMS.profile}],  # a Bento serves the profile it was built for
 )
 class Tipsen:
+    packed_base = HUB.get(PARAMS.models.base)  # recorded in the Bento at build; None: nothing to pack
+    packed_llm = HUB.get(PARAMS.models.llm)
+
     def __init__(self) -> None:
         logging.getLogger("tipsen").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
         self.loaded, self.failure = threading.Event(), None
@@ -242,6 +279,8 @@ class Tipsen:
             from tipsen.generate import Generator
 
             PARAMS.log(logging.INFO)
+            if Tipsen.bento is not None:  # a built Bento: its packed models load from the copies in the image
+                self._use_packed()
             self.registry = Registry.load()
             self.registry.route("김장")  # loads the Korean analyser now, not on a senior's first request
             curated = ROOT / paths.CURATED
@@ -257,7 +296,22 @@ class Tipsen:
             self.failure = "loading failed; see the server log"
             log.exception("loading failed")
 
+    def _use_packed(self) -> None:
+        cache = os.environ.get("BENTOML_HF_CACHE_DIR")  # set by the Bento's image, where containerize put them
+        for ref, model in HUB.items():  # BentoML has set each model's revision to the one the Bento recorded
+            if model.model_id.lower() != ref.lower():
+                raise ConfigError(f"models: {ref!r} is not the model this Bento packs ({model.model_id!r}); serve "
+                                  "the profile it was built for, or build it again")
+            path = local_snapshot(model.model_id, revision=model.revision, cache_dir=cache,
+                                  files={"include": model.include, "exclude": model.exclude})
+            use_local_copy(ref, path)
+            log.info("%s: the packed copy at %s", ref, path)
+
     def __is_ready__(self) -> bool:
+        if self.failure is not None:  # BentoML's own 503 would only say "not ready"
+            from starlette.exceptions import HTTPException
+
+            raise HTTPException(503, f"not ready: {self.failure}")
         return self.loaded.is_set()
 
     def __is_alive__(self) -> bool:

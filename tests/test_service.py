@@ -9,11 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import secrets
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -22,7 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
-import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from PIL import Image
@@ -350,7 +345,7 @@ def test_timed_out_work_keeps_its_slot(small):
         time.sleep(2)
 
 
-# ---------------------------------------------------------------- schema fuzz, logs, build
+# ---------------------------------------------------------------- schema fuzz, logs
 
 FUZZ_EXAMPLES = {GenerationMode.POSITIVE: 10, GenerationMode.NEGATIVE: 15}  # per operation: ~200 requests in all
 
@@ -413,23 +408,3 @@ def test_key_never_logged(main, small):
     logs = main.logs()
     assert "GET /keywords" in logs or "path=/keywords" in logs  # the log does record requests
     assert KEY not in logs
-
-
-def test_bentoml_build(tmp_path):
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    r = subprocess.run([sys.executable, "-m", "bentoml", "build", str(ROOT), "--output", "tag"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    bentos = list((tmp_path / "bentoml" / "bentos" / "tipsen").glob("*/src"))
-    assert len(bentos) == 1
-    src = bentos[0]
-    for need in ("service/service.py", "service/middleware.py", "service/static/index.html", "tipsen/generate.py",
-                 "params.yaml", "data/keywords.yaml"):
-        assert (src / need).is_file(), need
-    assert not (src / "tests").exists() and not (src / "data" / "raw").exists()
-    installed = (src.parent / "env" / "python" / "requirements.txt").read_text(encoding="utf-8")
-    assert "torch==2.14.1" in installed.splitlines() and "bentoml==1.4.40" in installed.splitlines()  # the lock
-    bento = yaml.safe_load((src.parent / "bento.yaml").read_text())
-    assert bento["service"] == "service.service:Tipsen" and bento["name"] == "tipsen"
-    assert r.stdout.strip().endswith(f"tipsen:{src.parent.name}")
-    shutil.rmtree(tmp_path / "bentoml", ignore_errors=True)

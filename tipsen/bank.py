@@ -184,6 +184,12 @@ class Bank:
     def __contains__(self, slug: str) -> bool:
         return slug in self.entries
 
+    def base_models(self) -> set[str]:
+        """The base models the indexed adapters were trained on; empty when the bank has none."""
+        if not self.entries and not self.invalid:
+            return set()
+        return {self.base_model, *(e.info.get("base_model", self.base_model) for e in self.entries.values())}
+
     def reason(self, slug: str) -> str | None:
         """Why `slug` cannot be used (not in the index, a refused entry, or `verify`), or None."""
         if slug in self.invalid:
@@ -201,6 +207,22 @@ class Bank:
         if entry.path.suffix == ".safetensors":  # anything else is refused by the loader, unread
             return nonfinite(entry.path)
         return None
+
+
+def require_base(index: Path, base: str, *, profile: str) -> None:
+    """A ConfigError naming both when the bank at `index` was trained on another base model than the profile's.
+
+    A missing or unreadable index, or one without adapters, passes with a warning as the service does: it then
+    draws with the base model alone."""
+    try:
+        bases = Bank(index).base_models()
+    except ConfigError as exc:
+        log.warning("%s; the base model alone is served", exc)
+        return
+    if bases - {base}:
+        trained = ", ".join(sorted(repr(b) for b in bases))
+        raise ConfigError(f"{index}: the bank's base model is {trained} but profile {profile!r} serves {base!r} "
+                          "(models.base); rebuild the bank on that base model, or use the bank's profile")
 
 
 def nonfinite(weights: Path) -> str | None:

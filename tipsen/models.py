@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -237,12 +238,67 @@ def tiny_path(name: str) -> Path:
     return final
 
 
+# ---------------------------------------------------------------- hub ids and local copies
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # ORG/NAME, as the Hub spells repository ids
+# The files each loader reads from a hub repository: safetensors weights without a variant (the loaders pass no
+# `variant`), configs and tokenizers; never pickles (*.bin, *.ckpt, *.pt), other frameworks' weights or a
+# repository's single-file checkpoints beside the pipeline's folders.
+PIPELINE_FILES = {"include": ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"],
+                  "exclude": ["*.fp16.safetensors", "*/*/*"]}
+LLM_FILES = {"include": ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"],
+             "exclude": ["*/*", "*.fp16.safetensors"]}
+_LOCAL: dict[str, Path] = {}  # hub id -> the local copy it loads from (a Bento's packed model)
+
+
+def hub_id(ref: str) -> str | None:
+    """`ref` when loading it would fetch a hub repository: not tiny:, not hf-hub: (open_clip), not a local path."""
+    if ref.startswith(("tiny:", "hf-hub:")) or not HUB_ID.match(ref) or Path(ref).expanduser().exists():
+        return None
+    return ref
+
+
+def packed(params) -> dict[str, dict[str, list[str]]]:
+    """The hub repositories a Bento of `params` packs (service.pack), each with the files its loader reads."""
+    m, pack = params.models, params.service.pack
+    wanted = [(m.base, PIPELINE_FILES)] if "base" in pack else []
+    if "llm" in pack and params.assistant.backend == "transformers":
+        wanted.append((m.llm, LLM_FILES))
+    return {ref: files for ref, files in wanted if hub_id(ref)}
+
+
+def use_local_copy(ref: str, path: str | Path) -> None:
+    """Load the hub id `ref` from `path` from now on. Its name stays `ref` wherever it is recorded or compared."""
+    _LOCAL[ref] = Path(path)
+
+
+def local_snapshot(repo_id: str, *, revision: str, files: dict[str, list[str]], cache_dir: str | None) -> Path:
+    """The complete local copy of a hub snapshot packed beforehand, or a one-line ConfigError. Never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+    where = cache_dir or "the Hugging Face cache"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
+                                      allow_patterns=files["include"], ignore_patterns=files["exclude"]))
+    except IncompleteSnapshotError as exc:  # its message names the missing files, then gives advice
+        missing = str(exc).partition(" is incomplete: ")[2].partition(". ")[0] or "files are missing"
+        raise ConfigError(f"model {repo_id!r}: the packed copy in {where} is incomplete ({missing}); nothing is "
+                          "downloaded at serve time") from None
+    except LocalEntryNotFoundError:
+        raise ConfigError(f"model {repo_id!r} (revision {revision}): no packed copy in {where}; nothing is "
+                          "downloaded at serve time") from None
+
+
 def resolve_ref(ref: str) -> str:
-    """A tiny reference becomes its local directory; a local path or hub id passes through unchanged."""
+    """A tiny reference becomes its local directory, and so does a hub id with a local copy; any other local path
+    or hub id passes through unchanged."""
     if not ref or not isinstance(ref, str):
         raise ConfigError(f"model reference {ref!r}: expected a hub id, a local directory or tiny:<name>")
     if ref.startswith("tiny:"):
         return str(tiny_path(ref.removeprefix("tiny:")))
+    if ref in _LOCAL:
+        return str(_LOCAL[ref])
     return ref
 
 
