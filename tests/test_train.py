@@ -227,6 +227,74 @@ def test_bad_schedule_settings_name_the_field(quick, update, says):
         TrainParams.model_validate({**quick.train.model_dump(), **update})
 
 
+def test_init_from_continues_an_adapter_in_either_layout(quick, data, tmp_path, trained, registry):
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from tipsen.export import to_kohya
+    from tipsen.registry import Registry
+    from tipsen.train import Trainer, start_adapter
+    from tipsen.train_data import load_examples
+
+    source = trained[0] / "models" / "loras" / SLUG / WEIGHTS_NAME  # trained with alpha == rank == 20
+    want = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in load_file(source).items()})
+    examples = load_examples(data, SLUG, resolution=quick.train.resolution)
+    kw = Registry.load()[SLUG]
+
+    def start(params, file):
+        return get_peft_model_state_dict(Trainer(params, kw, examples, init_from=file).unet)
+
+    got = start(quick, source)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k].float()) for k in want)
+    # a kohya file with alpha 40 (scale 2) into a run at alpha 10 (scale 0.5): the same update, so B is 4x
+    kohya = to_kohya(source, alpha=40.0)
+    save_file(kohya, tmp_path / "k.safetensors")
+    got = start(with_train(quick, alpha=10.0), tmp_path / "k.safetensors")
+    for key in want:
+        factor = 4.0 if "lora_B" in key else 1.0
+        assert torch.allclose(got[key], factor * want[key].float(), atol=1e-6), key
+
+    # the CLI's resolution: a bank slug is its verified adapter, a folder its weights file
+    bank = build_bank(trained[0] / "models" / "loras", trained[0] / "models" / "bank.json", keywords=[SLUG],
+                      registry=registry, base_model="tiny:sdxl")
+    assert bank["adapters"][0]["slug"] == SLUG
+    assert start_adapter(SLUG, bank=trained[0] / "models" / "bank.json", registry=registry) == source.resolve()
+    assert start_adapter(str(source.parent), bank=tmp_path / "none.json", registry=registry) == source
+
+    continued = train(with_train(quick, validation_seeds=[]), SLUG, data, tmp_path / "cont",
+                      checkpoint_dir=tmp_path / "c", progress=False, init_from=source)
+    fresh = train(with_train(quick, validation_seeds=[]), SLUG, data, tmp_path / "fresh",
+                  checkpoint_dir=tmp_path / "c", progress=False)
+    assert continued.init_from == f"{WEIGHTS_NAME} sha256:{sha256_file(source)}" and fresh.init_from is None
+    assert adapter_metadata(tmp_path / "cont" / WEIGHTS_NAME)["init_from"] == continued.init_from
+    assert continued.final_loss != fresh.final_loss  # it started elsewhere
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda src, tmp: src, "rank 20; train.rank is 4"),
+    (lambda src, tmp: (tmp / "bad.safetensors").write_bytes(b"not a safetensors file") and tmp / "bad.safetensors",
+     "not a LoRA adapter diffusers can read"),
+])
+def test_init_from_refuses_what_it_cannot_continue(quick, data, tmp_path, trained, make, says):
+    src = make(trained[0] / "models" / "loras" / SLUG / WEIGHTS_NAME, tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        train(with_train(quick, rank=4, alpha=4.0, validation_seeds=[]), SLUG, data, tmp_path / "out",
+              checkpoint_dir=tmp_path / "c", progress=False, init_from=src)
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_cli_names_a_bad_value(tmp_path, capsys, registry):
+    from tipsen.cli import main
+
+    assert main(["train", SLUG, "--init-from", str(tmp_path / "nothing"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("neither a keyword slug nor an adapter file (or a folder holding "
+                        f"{WEIGHTS_NAME})") and len(err.splitlines()) == 1
+    assert main(["train", SLUG, "--init-from", OTHER, "--bank", str(tmp_path / "no-bank.json")]) == 2
+    assert "bank:" in capsys.readouterr().err
+
+
 def test_nan_loss_names_the_step_and_publishes_nothing(quick, data, tmp_path):
     out = tmp_path / "loras" / SLUG
     out.mkdir(parents=True)

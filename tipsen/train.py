@@ -26,7 +26,7 @@ from tipsen import train_data as td
 from tipsen.bank import META_PREFIX, SUMMARY_NAME, WEIGHTS_NAME
 from tipsen.config import Params, TrainParams, load_params
 from tipsen.errors import ConfigError
-from tipsen.io import exclusive, publish_dir, sha256_json, sweep_stale
+from tipsen.io import exclusive, publish_dir, sha256_file, sha256_json, sweep_stale
 from tipsen.live import log_step, open_live
 from tipsen.lora_batch import expected_warnings_quiet
 from tipsen.models import load_pipeline, resolve_device
@@ -62,6 +62,7 @@ class TrainSummary:
     resumed_from: int
     cache: bool
     encoded: int  # latents and prompts encoded (cache misses) in this run
+    init_from: str | None = None  # the adapter it continued from: file name and sha256
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -107,8 +108,11 @@ def _precision(cfg: TrainParams, device: str) -> str:
 class Trainer:
     """One keyword's training state: frozen base, LoRA layers, optimizer, cached inputs and RNG."""
 
-    def __init__(self, params: Params, kw: Keyword, examples: list[td.Example], *, cache: bool = True, pipe=None):
-        """`pipe`: an already loaded pipeline in the training dtype (the GPU benchmark builds SDXL at random)."""
+    def __init__(self, params: Params, kw: Keyword, examples: list[td.Example], *, cache: bool = True, pipe=None,
+                 init_from: Path | None = None):
+        """`pipe`: an already loaded pipeline in the training dtype (the GPU benchmark builds SDXL at random);
+        `init_from`: an adapter file (diffusers or kohya layout, the same rank) to start from instead of a fresh
+        initialisation."""
         import torch
         from diffusers import DDPMScheduler
         from diffusers.training_utils import free_memory
@@ -141,6 +145,8 @@ class Trainer:
         del pipe  # kept only in self.data, and only while batches still encode with it
         free_memory()
         self._add_lora(cfg)
+        if init_from is not None:
+            self._load_adapter(Path(init_from))
         self.opt = torch.optim.AdamW([p for _, p in self.named], lr=cfg.learning_rate,
                                      betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                                      eps=cfg.adam_epsilon)
@@ -193,6 +199,39 @@ class Trainer:
             w = snr.clamp(max=self.cfg.snr_gamma)  # min(SNR, gamma), Hang et al. 2023
             loss = loss * (w / snr if self.scheduler.config.prediction_type == "epsilon" else w / (snr + 1))
         return loss.mean()
+
+    def _load_adapter(self, file: Path) -> None:
+        """Start from the UNet LoRA in `file`: read by the pipeline's own loader (diffusers' layout or a kohya/A1111
+        file), its update rescaled to this run's alpha/rank so that the starting adapter draws what it drew."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        from safetensors import SafetensorError
+
+        what = f"--init-from {file.name}"
+        try:
+            state, alphas, meta = self.pipe_cls.lora_state_dict(str(file.parent), weight_name=file.name,
+                                                                use_safetensors=True, return_lora_metadata=True)
+        except (SafetensorError, ValueError, KeyError) as exc:  # not safetensors, or not a LoRA diffusers reads
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"{what}: not a LoRA adapter diffusers can read ({why})") from None
+        if other := sorted({k.split(".")[0] for k in state} - {"unet"}):
+            raise ConfigError(f"{what}: only UNet adapters can be continued; it also holds {', '.join(other)}")
+        source = (meta or {}).get("unet.lora_alpha") or self.cfg.rank  # diffusers' own default: alpha = rank
+        for down in [k for k in state if k.endswith("down.weight")]:
+            alpha = float((alphas or {}).get(f"{down}.alpha", source))  # a kohya file: each layer's own
+            up = down.removesuffix("down.weight") + "up.weight"
+            state[up] = state[up] * (alpha / self.cfg.alpha)  # the same update at this run's alpha/rank
+        state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+        ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+        if ranks != {self.cfg.rank}:
+            raise ConfigError(f"{what}: rank {', '.join(map(str, sorted(ranks)))}; train.rank is {self.cfg.rank} "
+                              "(continued training keeps the rank)")
+        expected = set(get_peft_model_state_dict(self.unet))
+        if differ := sorted(expected ^ set(state)):
+            raise ConfigError(f"{what}: its layers are not train.target_modules' ({len(differ)} differ, e.g. "
+                              f"{differ[0]})")
+        set_peft_model_state_dict(self.unet, state)  # copied into the fp32 trainable weights in place
 
     def step(self) -> float:
         """One optimizer step over `train.gradient_accumulation_steps` batches at this step's learning rate;
@@ -336,34 +375,36 @@ def _peak_memory(device: str) -> int:
 
 def train(params: Params, slug: str, data: Path, out: Path, *, checkpoint_dir: Path | None = None,
           metrics_dir: Path | None = None, cache: bool = True, progress: bool = True,
-          log_fn: Callable[[int, float], None] | None = None) -> TrainSummary:
+          log_fn: Callable[[int, float], None] | None = None, init_from: Path | None = None) -> TrainSummary:
     """Train one keyword's LoRA on `data/<slug>` and publish it atomically at `out`.
 
     `checkpoint_dir` defaults to `paths.checkpoint_dir(out)` (models/loras/x -> models/.checkpoints/x);
     `metrics_dir` (if given) receives the dvclive log train/<slug>/ (loss and learning rate per step, the summary,
     the validation grid); `log_fn(step, mean loss)` is called every
-    `train.log_every` steps. A second run into the same `out` while one is running fails at once, naming it.
+    `train.log_every` steps; `init_from` is an adapter file to continue from (`Trainer`). A second run into the same
+    `out` while one is running fails at once, naming it.
     """
     cfg, out = params.train, Path(out)
     kw = Registry.load().get(slug, field="slug")
     with exclusive(paths.checkpoint_dir(out).parent / f"{out.name}.lock", what=f"train {slug} into {out}"):
         sweep_stale(out)  # what a killed run of this same output left; only its own
         return _train(params, kw, data, out, checkpoint_dir=checkpoint_dir, metrics_dir=metrics_dir, cache=cache,
-                      progress=progress, log_fn=log_fn)
+                      progress=progress, log_fn=log_fn, init_from=Path(init_from) if init_from else None)
 
 
 def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir, metrics_dir, cache, progress,
-           log_fn) -> TrainSummary:
+           log_fn, init_from) -> TrainSummary:
     from tqdm import tqdm
 
     cfg, slug = params.train, kw.slug
     examples = td.load_examples(Path(data), slug, resolution=cfg.resolution, prompt_source=cfg.prompt_source)
     phash, dhash = params_hash(params), td.dataset_hash(examples)
-    run_key = sha256_json([phash, dhash, params.models.base, slug])
+    init = f"{init_from.name} sha256:{sha256_file(init_from)}" if init_from else None  # before it can change
+    run_key = sha256_json([phash, dhash, params.models.base, slug, *([init] if init else [])])
     ckpt = Path(checkpoint_dir or paths.checkpoint_dir(out)) / CHECKPOINT_NAME
     t0 = time.perf_counter()
     live = open_live(Path(metrics_dir) / "train" / slug, what="the training log (--metrics)") if metrics_dir else None
-    trainer = Trainer(params, kw, examples, cache=cache)
+    trainer = Trainer(params, kw, examples, cache=cache, init_from=init_from)
     start = trainer.load_checkpoint(ckpt, run_key)
     if start:
         log.info("resuming %s from step %d (%s)", slug, start, ckpt)
@@ -392,10 +433,11 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
         final_loss_mean=sum(tail) / len(tail), wall_time_s=round(time.perf_counter() - t0, 3),
         steps_per_s=round((cfg.steps - start) / loop_s, 3) if loop_s > 0 else 0.0, device=trainer.device,
         peak_memory_bytes=_peak_memory(trainer.device), params_hash=phash, dataset_hash=dhash,
-        num_images=trainer.n, resumed_from=start, cache=cache, encoded=trainer.encoded)
+        num_images=trainer.n, resumed_from=start, cache=cache, encoded=trainer.encoded, init_from=init)
     meta = {"slug": slug, "keyword": kw.keyword, "class_token": kw.class_token, "rank": str(cfg.rank),
             "alpha": str(cfg.alpha), "base_model": params.models.base, "params_hash": phash,
-            "steps": str(cfg.steps), "resolution": str(cfg.resolution), "dataset_hash": dhash}
+            "steps": str(cfg.steps), "resolution": str(cfg.resolution), "dataset_hash": dhash,
+            **({"init_from": init} if init else {})}
     with publish_dir(out) as tmp:
         trainer.save_weights(tmp, {META_PREFIX + k: v for k, v in meta.items()})
         trainer.release()
@@ -416,6 +458,26 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
     return summary
 
 
+def start_adapter(value: str, *, bank: Path, registry: Registry) -> Path:
+    """The adapter file `--init-from` names: a keyword slug is its verified bank adapter; anything else is a file,
+    or a folder holding pytorch_lora_weights.safetensors."""
+    if value in registry.keywords:
+        from tipsen.bank import Bank
+
+        index = Bank(bank)
+        if (reason := index.reason(value)) is not None:
+            raise ConfigError(f"--init-from {value}: the bank's adapter cannot be used: {reason}")
+        return index.entries[value].path
+    path = Path(value)
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"--init-from {value}: neither a keyword slug nor an adapter file (or a folder holding "
+                          f"{WEIGHTS_NAME})")
+    if file.suffix != ".safetensors":
+        raise ConfigError(f"--init-from {value}: adapters are read from .safetensors files only")
+    return file
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("slug", help="keyword slug (data/keywords.yaml)")
     parser.add_argument("--data", default="data/curated", help="curated data root, holding SLUG/metadata.jsonl")
@@ -426,6 +488,10 @@ def add_arguments(parser) -> None:
                         help="checkpoint folder (default: models/.checkpoints/NAME for --out models/loras/NAME)")
     parser.add_argument("--metrics", default=None,
                         help="metrics root; the dvclive log goes to METRICS/train/SLUG/ (default: no log)")
+    parser.add_argument("--init-from", default=None, metavar="SLUG_OR_PATH",
+                        help="continue from an adapter: a bank slug (--bank), or a file or folder in the diffusers "
+                             "or kohya layout, of the same rank (default: a fresh initialisation)")
+    parser.add_argument("--bank", default=str(paths.BANK), help=f"the bank --init-from SLUG reads (default: {paths.BANK})")
     parser.add_argument("--no-cache", action="store_true", help="encode latents and prompts every step")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -438,12 +504,14 @@ def run(args) -> int:
     if overrides:
         params = params.override("train", overrides, flags=True)
     params.log()
-    Registry.load().get(args.slug, field="slug")  # before the slug becomes part of any path
+    registry = Registry.load()
+    registry.get(args.slug, field="slug")  # before the slug becomes part of any path
+    init_from = start_adapter(args.init_from, bank=Path(args.bank), registry=registry) if args.init_from else None
     try:
         summary = train(params, args.slug, Path(args.data), Path(args.out or paths.LORAS / args.slug),
                         checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
                         metrics_dir=Path(args.metrics) if args.metrics else None, cache=not args.no_cache,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, init_from=init_from)
     except TrainingError as exc:
         print(f"tipsen train: error: {exc}", file=sys.stderr)
         return 1
