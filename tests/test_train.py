@@ -109,6 +109,31 @@ def test_publishes_a_lora_that_stock_pipelines_load(trained, quick):
     assert not (tmp / "ckpt" / SLUG).exists()  # removed after a successful publish
 
 
+def test_validation_grid_draws_the_adapter_at_the_serving_scale(trained, quick):
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from tipsen.models import resolve_ref
+    from tipsen.train import VALIDATION_GUIDANCE
+
+    out = trained[0] / "models" / "loras" / SLUG
+    grid = np.asarray(Image.open(out / "validation.png").convert("RGB")).astype(int)
+    pipe = StableDiffusionXLPipeline.from_pretrained(resolve_ref("tiny:sdxl"), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(out), adapter_name=SLUG, use_safetensors=True)
+
+    def cell(scale):
+        pipe.set_adapters([SLUG], [scale])
+        image = pipe(prompt="A photo of Yakgwa Food", num_inference_steps=quick.train.sample_steps, height=64,
+                     width=64, guidance_scale=VALIDATION_GUIDANCE, generator=torch.Generator().manual_seed(0)).images[0]
+        return np.asarray(image.convert("RGB")).astype(int)
+
+    row = grid[64:, :64]  # base + LoRA, seed 0
+    assert quick.generate.lora_scale == 0.7
+    assert np.abs(row - cell(0.7)).max() <= 1  # as the service draws it
+    assert np.abs(row - cell(1.0)).max() > 1  # not at full strength
+
+
 def test_bank_indexes_the_adapter(trained, registry):
     tmp, summary, _ = trained
     bank = build_bank(tmp / "models" / "loras", tmp / "models" / "bank.json", keywords=[SLUG], registry=registry,

@@ -329,7 +329,8 @@ class Trainer:
 
 
 def validation_grid(params: Params, kw: Keyword, weights: Path):
-    """Rows: the base model, then base + LoRA; columns: `train.validation_seeds`, same seeds in both rows."""
+    """Rows: the base model, then base + LoRA at the serving scale (`generate.lora_scale`, as the service draws
+    it); columns: `train.validation_seeds`, same seeds in both rows."""
     import torch
     from diffusers.training_utils import free_memory
     from PIL import Image
@@ -342,7 +343,8 @@ def validation_grid(params: Params, kw: Keyword, weights: Path):
     with torch.no_grad():
         base = pipe(generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **kwargs).images
         with expected_warnings_quiet():  # the published file, through the stock loader
-            pipe.load_lora_weights(str(weights), use_safetensors=True)
+            pipe.load_lora_weights(str(weights), adapter_name=kw.slug, use_safetensors=True)
+        pipe.set_adapters([kw.slug], [params.generate.lora_scale])
         tuned = pipe(generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **kwargs).images
     r = cfg.resolution
     grid = Image.new("RGB", (r * len(seeds), 2 * r))
