@@ -163,6 +163,8 @@ class GenerateOutput(Model):
     seed: int
     steps: int
     guidance: float
+    negative_prompt: str  # what the picture was steered away from ("" for nothing)
+    sampler: str | None  # the request's sampler; None: the model's own scheduler
     lora_scale: float | None  # None when no adapter was applied
     width: int
     height: int

@@ -203,6 +203,46 @@ def test_batches_split_only_on_incompatible_parameters(gen, monkeypatch):
     assert len(results[3].images) == 2 and not _same(results[3].images[0], results[3].images[1])
 
 
+def test_negative_prompt_and_sampler_per_request(gen, monkeypatch):
+    from tipsen.generate import SAMPLERS
+
+    base = {"prompt": "a quiet morning by the sea", "seed": 5, "steps": STEPS}
+    plain = gen.generate(base)
+    assert plain.metadata["negative_prompt"] == gen.cfg.negative_prompt == "" and plain.metadata["sampler"] is None
+    assert plain.metadata["sampler_name"] == type(gen.pipe.scheduler).__name__  # the model's own
+    negative = gen.generate({**base, "negative_prompt": "blurry, text, watermark"})
+    assert negative.metadata["negative_prompt"] == "blurry, text, watermark"
+    assert _differ(plain.images[0], negative.images[0]) > 0.5  # the negative prompt steers the picture
+    default_negative = gen.cfg.model_copy(update={"negative_prompt": "blurry, text, watermark"})
+    monkeypatch.setattr(gen, "cfg", default_negative)  # generate.negative_prompt is the default...
+    assert _same(gen.generate(base).images[0], negative.images[0])
+    assert _same(gen.generate({**base, "negative_prompt": ""}).images[0], plain.images[0])  # ..."" turns it off
+    monkeypatch.undo()
+
+    batches = []
+    diffuse = gen._diffuse
+    monkeypatch.setattr(gen, "_diffuse", lambda key, jobs: batches.append(key[-1]) or diffuse(key, jobs))
+    reqs = [{**base, "sampler": name} for name in SAMPLERS]
+    mixed = gen.generate_batch([*reqs, base])
+    assert sorted(batches, key=str) == sorted([*SAMPLERS, None], key=str)  # the sampler splits the batch
+    names = [r.metadata["sampler_name"] for r in mixed]
+    assert names[:-1] == ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "DDIM"]
+    assert _differ(mixed[SAMPLERS.__len__() - 1].images[0], plain.images[0]) > 0.5  # DDIM draws otherwise
+    assert _same(mixed[-1].images[0], plain.images[0])  # and the model's own scheduler is back afterwards
+    for req, result in zip(reqs, mixed):
+        assert _same(gen.generate(req).images[0], result.images[0]), req  # reproducible, alone or batched
+    assert type(gen.pipe.scheduler).__name__ == plain.metadata["sampler_name"]
+
+
+def test_bad_negative_prompt_and_sampler_name_the_field(gen):
+    with pytest.raises(ConfigError, match=r"^sampler: Input should be 'euler', 'euler_a', .* or 'ddim' \(got 'k_lms'\)"):
+        gen.resolve({"prompt": "x", "sampler": "k_lms"})
+    with pytest.raises(ConfigError, match=r"^negative_prompt: 1001 characters; allowed: at most 1000"):
+        gen.resolve({"prompt": "x", "negative_prompt": "a" * 1001})
+    plan = gen.resolve({"prompt": "the sea", "negative_prompt": "흐릿한"})
+    assert any("negative_prompt: SDXL reads only English" in w for w in plan.warnings)
+
+
 def test_bad_input_names_field_and_choices(gen):
     with pytest.raises(ConfigError, match=r"keyword: unknown keyword 'bulgogi'; allowed: .*gimjang.*yakgwa"):
         gen.resolve({"prompt": "x", "keyword": "bulgogi"})

@@ -192,6 +192,10 @@ def test_generate_returns_pngs_prompt_keyword_seed_and_timings(main):
     assert "also chosen: gimjang; only yakgwa is drawn" in chosen["warnings"]
     none = post(main, "/generate", {"prompt": "김장하는 날", "keywords": [], "steps": 1}).json()  # all taken back
     assert none["keyword"] is None and none["adapter"] is None and "Gimjang" not in none["prompt"]
+    steered = post(main, "/generate", {"prompt": "김장하는 날", "steps": 1, "seed": 7, "sampler": "ddim",
+                                       "negative_prompt": "blurry, text"}).json()
+    assert (steered["sampler"], steered["negative_prompt"]) == ("ddim", "blurry, text")
+    assert (korean["sampler"], korean["negative_prompt"]) == (None, "")  # the model's own, and params' default
 
 
 def test_generate_png_same_seed_same_bytes(main):
@@ -235,6 +239,8 @@ VIOLATIONS = [
     ("num_images", {"num_images": 0}), ("num_images", {"num_images": 5}),
     ("seed", {"seed": -1}), ("seed", {"seed": 2**32}), ("assist", {"assist": "maybe"}),
     ("steps_typo", {"steps_typo": 3}),
+    ("sampler", {"sampler": "k_lms"}), ("sampler", {"sampler": 3}),
+    ("negative_prompt", {"negative_prompt": "x" * 1001}), ("negative_prompt", {"negative_prompt": ["blurry"]}),
 ]
 
 
@@ -250,6 +256,8 @@ def test_every_bound_violated_is_a_4xx_naming_the_field(main, field, change):
         assert "allowed: " + ", ".join(SLUGS) in error  # the usable bank slugs are listed
     if change.get("keyword") == CORRUPT:
         assert "checksum" in error
+    if change.get("sampler") == "k_lms":
+        assert "'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'unipc' or 'ddim'" in error  # the allowed list
 
 
 def test_malformed_bodies_are_4xx(main):

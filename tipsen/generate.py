@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,6 +30,19 @@ from tipsen.routing import HANGUL
 
 log = logging.getLogger(__name__)
 
+# The samplers a request may name: diffusers' scheduler class and settings, and the name AUTOMATIC1111 shows.
+# None (the default) keeps the model's own scheduler.
+SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+                        "DPM++ 2M Karras"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+}
+Sampler = Literal[tuple(SAMPLERS)]
 
 
 class PictureRequest(BaseModel):
@@ -50,6 +63,8 @@ class PictureRequest(BaseModel):
     height: Size | None = None
     assist: bool = False  # rewrite the prompt with the Senior Prompting Assistant
     use_lora: bool = True  # False: the base model only, even for a keyword with an adapter
+    negative_prompt: str | None = None  # None: generate.negative_prompt; "" for none
+    sampler: Sampler | None = None  # None: the model's own scheduler
 
 
 class GenerationRequest(PictureRequest):
@@ -69,6 +84,7 @@ class Plan:
     adapter: str | None = None  # a loaded bank slug; None: the base model alone
     lora_scale: float = 0.0  # applied only with an adapter
     negative_prompt: str = ""
+    sampler: str | None = None  # a SAMPLERS name; None: the model's own scheduler
     num_images: int = 1
     input: str = ""  # the caller's own words
     route: Route = NO_ROUTE  # how the keyword was chosen
@@ -81,7 +97,7 @@ class Plan:
 
     @property
     def key(self) -> tuple:  # plans with equal keys share one diffusion batch
-        return self.steps, self.width, self.height, self.guidance
+        return self.steps, self.width, self.height, self.guidance, self.sampler
 
 
 @dataclass
@@ -120,6 +136,7 @@ class Generator:
         self.modules = components(self.pipe)
         sample = self.pipe.unet.config.sample_size
         self.native = (sample if isinstance(sample, int) else sample[0]) * self.pipe.vae_scale_factor
+        self.scheduler = self.pipe.scheduler  # the model's own; a request's sampler replaces it for its batch
         self.bank_path, self.bank_error, self.entries, self.reasons = Path(bank) if bank else None, None, {}, {}
         self.refused: dict[str, str] = {}
         if bank is not None:
@@ -220,12 +237,19 @@ class Generator:
             raise ConfigError("assist: no prompting assistant is loaded here; send assist: false")
         adapter = chosen[0] if chosen and req.use_lora else None
         width, height = self.size(req.width, req.height)
+        negative = cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt.strip()
+        if len(negative) > cfg.max_prompt_chars:
+            raise ConfigError(f"negative_prompt: {len(negative)} characters; allowed: at most {cfg.max_prompt_chars}")
+        if HANGUL.search(negative):
+            notes.append("negative_prompt: SDXL reads only English; its Korean words reach the model as byte "
+                         "fragments")
         route = self.route(words, chosen)
         plan = Plan(prompt=words, seed=draw_seed() if req.seed is None else req.seed,
                     steps=req.steps or cfg.steps, guidance=cfg.guidance if req.guidance is None else req.guidance,
                     width=width, height=height, adapter=adapter,
                     lora_scale=cfg.lora_scale if req.lora_scale is None else req.lora_scale,
-                    negative_prompt=cfg.negative_prompt, num_images=req.num_images, input=words, use_lora=req.use_lora,
+                    negative_prompt=negative, sampler=req.sampler, num_images=req.num_images, input=words,
+                    use_lora=req.use_lora,
                     assist=req.assist, notes=tuple(notes))
         plan = self._routed(plan, route)
         return self.refine([plan])[0] if refine and plan.assist else plan
@@ -325,7 +349,7 @@ class Generator:
 
         from tipsen.lora_batch import fuse, per_sample, unfuse
 
-        steps, width, height, guidance = key
+        steps, width, height, guidance, sampler = key
         names = [p.adapter for p, _ in jobs]
         scales = [p.lora_scale if p.adapter else 0.0 for p, _ in jobs]
         if self.cfg.fuse_lora and names[0] and len(set(zip(names, scales))) == 1:
@@ -342,16 +366,34 @@ class Generator:
         # One CPU generator per image: its noise is the same alone or in any batch, on any device.
         generators = [torch.Generator("cpu").manual_seed(p.seed + j) for p, j in jobs]
         negative = [p.negative_prompt for p, _ in jobs] if any(p.negative_prompt for p, _ in jobs) else None
-        with hooks:
-            out = self.pipe(prompt=[p.prompt for p, _ in jobs], negative_prompt=negative, num_inference_steps=steps,
-                            guidance_scale=guidance, width=width, height=height, generator=generators,
-                            output_type="np")
+        self.pipe.scheduler = self._scheduler(sampler)
+        try:
+            with hooks:
+                out = self.pipe(prompt=[p.prompt for p, _ in jobs], negative_prompt=negative,
+                                num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                                generator=generators, output_type="np")
+        finally:
+            self.pipe.scheduler = self.scheduler  # the model's own between batches
         return self.pipe.numpy_to_pil(out.images)
+
+    def _scheduler(self, sampler: str | None):
+        """A fresh scheduler for one batch: the request's sampler on the model's own schedule settings."""
+        if sampler is None:
+            return self.scheduler
+        import diffusers
+
+        name, settings, _ = SAMPLERS[sampler]
+        return getattr(diffusers, name).from_config(self.scheduler.config, **settings)
+
+    def sampler_name(self, sampler: str | None) -> str:
+        """The sampler as AUTOMATIC1111 names it, or the model's own scheduler's class."""
+        return SAMPLERS[sampler][2] if sampler else type(self.scheduler).__name__
 
     def _metadata(self, p: Plan, timings: dict[str, float]) -> dict[str, Any]:
         return {
             "keyword": p.route.slug, "route": p.route.as_dict(), "input": p.input, "prompt": p.prompt,
             "refined": p.refined, "seed": p.seed, "steps": p.steps, "guidance": p.guidance,
+            "negative_prompt": p.negative_prompt, "sampler": p.sampler, "sampler_name": self.sampler_name(p.sampler),
             "lora_scale": p.lora_scale if p.adapter else None, "width": p.width, "height": p.height,
             "num_images": p.num_images, "model": self.base, "adapter": p.adapter,
             "timings": {k: round(max(v, 0.0), 4) for k, v in timings.items()}, "warnings": list(p.warnings),
@@ -392,6 +434,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--negative-prompt", help="what to keep out of the picture (default: generate.negative_prompt)")
+    parser.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: the model's own scheduler)")
     parser.add_argument("--no-lora", action="store_true", help="the base model only")
     parser.add_argument("--bank", default=str(paths.BANK), help=f"bank index (default: {paths.BANK})")
 
@@ -401,7 +445,8 @@ def run(args) -> int:
     params.log()
     fields = dict(prompt=args.prompt, keyword=args.keyword, seed=args.seed, steps=args.steps, guidance=args.guidance,
                   lora_scale=args.lora_scale, width=args.width, height=args.height, num_images=args.num_images,
-                  assist=args.assist, use_lora=not args.no_lora)
+                  assist=args.assist, use_lora=not args.no_lora, negative_prompt=args.negative_prompt,
+                  sampler=args.sampler)
     req = as_request({k: v for k, v in fields.items() if v is not None})  # bad input fails before loading
     out = Path(args.out)
     if out.is_dir() or args.out.endswith(("/", os.sep)):
