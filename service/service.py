@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 import os
 import sys
@@ -41,7 +40,7 @@ from tipsen.assistant import Refinement
 from tipsen.bank import require_base
 from tipsen.config import Seed, Slug, load_params
 from tipsen.errors import ConfigError
-from tipsen.generate import GenerationRequest, PictureRequest, Plan
+from tipsen.generate import GenerationRequest, PictureRequest, Plan, png_bytes
 from tipsen.models import local_snapshot, packed, use_local_copy
 from tipsen.privacy import shown
 from tipsen.registry import Registry
@@ -170,6 +169,7 @@ class GenerateOutput(Model):
     height: int
     model: str
     adapter: str | None  # the LoRA applied; None: the base model alone
+    adapter_sha256: str | None  # the applied adapter file's sha256: the exact weights that drew the picture
     timings: dict[str, float]
     warnings: list[str]  # e.g. a routed keyword without an adapter, drawn by the base model
 
@@ -217,10 +217,9 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def png_b64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+def png_b64(image: Image.Image, metadata: dict, index: int) -> str:
+    """Image `index` of a result as base64 PNG, carrying how it was made (tipsen.generate.png_bytes)."""
+    return base64.b64encode(png_bytes(image, metadata, index)).decode("ascii")
 
 
 class Slots:
@@ -333,7 +332,8 @@ class Tipsen:
             with self.gpu:
                 results = self.generator.render(self.generator.refine(plans))
             log.info("batch size %d: keywords %s", len(plans), [r.metadata.get("keyword") for r in results])
-            return [BatchItem(images=[png_b64(im) for im in r.images], metadata=r.metadata) for r in results]
+            return [BatchItem(images=[png_b64(im, r.metadata, j) for j, im in enumerate(r.images)], metadata=r.metadata)
+                    for r in results]
         finally:
             self.slots.release(len(plans))
 

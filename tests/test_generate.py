@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tipsen.errors import ConfigError, NoTopic
-from tipsen.testing import random_bank
+from tipsen.testing import a1111_png_info, random_bank
 
 SLUGS = ["gimjang", "yakgwa", "hanok"]
 STEPS = 2
@@ -457,7 +457,32 @@ def test_cli_writes_png_and_prints_json(root, lora_root, tmp_path, capsys):
     assert meta["keyword"] == "gimjang" and meta["seed"] == 9 and meta["files"] == [str(out)]
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == (64, 64)
-        assert json.loads(image.text["tipsen"])["seed"] == 9
+        own = json.loads(image.text["tipsen"])
+        parameters = image.text["parameters"]
+    assert own["seed"] == 9 and own["input"] == "김장하는 할머니들" and own["route"]["slug"] == "gimjang"
+    assert "timings" not in own and own["adapter_sha256"] == meta["adapter_sha256"] and len(meta["adapter_sha256"]) == 64
+    prompt, negative, pairs = a1111_png_info(parameters)  # AUTOMATIC1111's "PNG info" reading
+    assert prompt == meta["prompt"] and negative == ""
+    from tipsen import __version__
+
+    assert pairs == {"Steps": str(STEPS), "Sampler": meta["sampler_name"], "CFG scale": "5.0", "Seed": "9",
+                     "Size": "64x64", "Model": "tiny:sdxl", "Lora hashes": f'"gimjang: {meta["adapter_sha256"][:12]}"',
+                     "Version": f"tipsen {__version__}"}
+    first = out.read_bytes()
+    assert main(["generate", "김장하는 할머니들", "--params", str(root / "params.yaml"), "--profile", "demo",
+                 "--out", str(out), "--seed", "9", "--steps", str(STEPS), "--bank", str(lora_root / "bank.json"),
+                 "--num-images", "2", "--negative-prompt", "blurry, text", "--sampler", "euler_a"]) == 0
+    capsys.readouterr()
+    assert out.with_name("out-0.png").read_bytes() != first  # another sampler and negative prompt
+    with Image.open(out.with_name("out-1.png")) as image:
+        prompt, negative, pairs = a1111_png_info(image.text["parameters"])
+    assert negative == "blurry, text" and pairs["Sampler"] == "Euler a" and pairs["Seed"] == "10"  # image 1: seed + 1
+    assert main(["generate", "김장하는 할머니들", "--params", str(root / "params.yaml"), "--profile", "demo",
+                 "--out", str(out), "--seed", "9", "--steps", str(STEPS), "--bank", str(lora_root / "bank.json")]) == 0
+    assert out.read_bytes() == first  # same request and seed, same bytes: no timings in the file
+    capsys.readouterr()
+    for extra in ("out-0.png", "out-1.png"):
+        out.with_name(extra).unlink()
     code = main(["generate", "x", "--params", str(root / "params.yaml"), "--profile", "demo", "--out", str(out),
                  "--steps", "99", "--bank", str(lora_root / "bank.json")])
     assert code == 2 and "steps:" in capsys.readouterr().err

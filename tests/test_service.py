@@ -26,6 +26,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
                                                response_schema_conformance, status_code_conformance)
 
+from tipsen.testing import a1111_png_info
 from tipsen.testing import SERVICE_CORRUPT as CORRUPT  # the small test service, shared with test_web.py
 from tipsen.testing import SERVICE_PARAMS as TEST_PARAMS
 from tipsen.testing import SERVICE_SIZE as SIZE
@@ -206,8 +207,18 @@ def test_generate_png_same_seed_same_bytes(main):
     assert first.status_code == 200 and first.headers["content-type"] == "image/png"
     assert first.headers["x-tipsen-seed"] == "42" and first.headers["x-tipsen-keyword"] == "songpyeon"
     assert png(first.content).size == (SIZE, SIZE)
-    assert first.content == second.content
+    assert first.content == second.content  # the PNG carries how it was made, but no timings
     assert first.content != other.content
+    with Image.open(io.BytesIO(first.content)) as image:
+        prompt, negative, pairs = a1111_png_info(image.text["parameters"])
+        own = json.loads(image.text["tipsen"])
+    assert prompt == own["prompt"] and own["input"] == "송편 빚는 추석" and negative == ""
+    assert (pairs["Seed"], pairs["Steps"], pairs["Size"]) == ("42", "2", f"{SIZE}x{SIZE}")
+    assert pairs["Lora hashes"] == f'"songpyeon: {own["adapter_sha256"][:12]}"'
+    full = post(main, "/generate", {**body, "num_images": 2}).json()  # the JSON's base64 PNGs carry it too
+    with Image.open(io.BytesIO(base64.b64decode(full["images"][1]))) as image:
+        assert a1111_png_info(image.text["parameters"])[2]["Seed"] == "43"  # image 1 is drawn with seed + 1
+    assert full["adapter_sha256"] == own["adapter_sha256"]
 
 
 def test_refine(main):

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tipsen.testing import SERVICE_CORRUPT, SERVICE_PARAMS, SERVICE_SLUGS, Server, random_bank, write_params
+from tipsen.testing import (SERVICE_CORRUPT, SERVICE_PARAMS, SERVICE_SLUGS, Server, a1111_png_info, random_bank,
+                            write_params)
 from tipsen.testing import SERVICE_SIZE as SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +173,10 @@ def test_keyboard_only_reaches_the_box_submits_and_saves(page, tmp_path):
     saved = tmp_path / "saved.png"
     download.value.save_as(saved)
     assert download.value.suggested_filename == f"tipsen-{page.text_content('#used-seed')}.png"
-    assert Image.open(saved).size == (SIZE, SIZE)
+    with Image.open(saved) as image:  # the saved picture says how it was made, as AUTOMATIC1111 reads it
+        assert image.size == (SIZE, SIZE)
+        pairs = a1111_png_info(image.text["parameters"])[2]
+    assert pairs["Seed"] == page.text_content("#used-seed") and pairs["Version"].startswith("tipsen ")
 
 
 def generate_bodies(page) -> list:

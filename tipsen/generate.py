@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tipsen import paths
 from tipsen.config import Guidance, LoraScale, NumImages, Params, Seed, Size, Slug, Steps, draw_seed, load_params
 from tipsen.errors import ConfigError, NoTopic, first_error
-from tipsen.io import atomic_path
+from tipsen.io import write_bytes_atomic
 from tipsen.registry import NO_ROUTE, Registry, Route, normalize
 from tipsen.routing import HANGUL
 
@@ -396,19 +396,50 @@ class Generator:
             "negative_prompt": p.negative_prompt, "sampler": p.sampler, "sampler_name": self.sampler_name(p.sampler),
             "lora_scale": p.lora_scale if p.adapter else None, "width": p.width, "height": p.height,
             "num_images": p.num_images, "model": self.base, "adapter": p.adapter,
+            "adapter_sha256": self.entries[p.adapter].sha256 if p.adapter else None,  # the exact weights drawn
             "timings": {k: round(max(v, 0.0), 4) for k, v in timings.items()}, "warnings": list(p.warnings),
         }
 
 
-def save_png(image, path: Path, metadata: dict) -> Path:
-    """Write a PNG atomically, with the generation metadata in an iTXt chunk."""
+def parameters_text(metadata: dict, index: int = 0) -> str:
+    """AUTOMATIC1111's `parameters` text for image `index` of a result: the prompt SDXL saw, `Negative prompt: …`,
+    then one line of `key: value` pairs, as its "PNG info" tab and civitai read them."""
+    from tipsen import __version__
+
+    m = metadata
+    pairs = {"Steps": m["steps"], "Sampler": m["sampler_name"], "CFG scale": m["guidance"], "Seed": m["seed"] + index,
+             "Size": f"{m['width']}x{m['height']}", "Model": m["model"]}
+    if m.get("adapter"):
+        pairs["Lora hashes"] = f'"{m["adapter"]}: {m["adapter_sha256"][:12]}"'  # A1111 quotes the list
+    pairs["Version"] = f"tipsen {__version__}"
+    one_line = lambda text: " ".join(str(text).split())  # noqa: E731 -- the format is line-based
+    return (f"{one_line(m['prompt'])}\nNegative prompt: {one_line(m['negative_prompt'])}\n"
+            + ", ".join(f"{k}: {v}" for k, v in pairs.items()))
+
+
+def png_bytes(image, metadata: dict, index: int = 0) -> bytes:
+    """Image `index` of a result as PNG bytes with how it was made: A1111's `parameters` chunk and tipsen's own
+    (the result's metadata: the senior's words, the route, the adapter's sha256). Timings stay out, so the same
+    request and seed give the same bytes."""
+    import io
+
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_itxt("tipsen", json.dumps(metadata, ensure_ascii=False))
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    return path
+    info.add_text("parameters", parameters_text(metadata, index))  # iTXt when it is not Latin-1
+    own = {k: v for k, v in metadata.items() if k != "timings"}
+    if own.get("refined"):  # the assistant's record, less its latency
+        own["refined"] = {k: v for k, v in own["refined"].items() if k != "latency_s"}
+    info.add_itxt("tipsen", json.dumps({**own, "image": index, "image_seed": metadata["seed"] + index},
+                                       ensure_ascii=False))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image, path: Path, metadata: dict, index: int = 0) -> Path:
+    """Write image `index` of a result as a PNG file, atomically (`png_bytes`)."""
+    return write_bytes_atomic(path, png_bytes(image, metadata, index))
 
 
 def _assistant(params: Params, registry: Registry):
@@ -459,6 +490,6 @@ def run(args) -> int:
     result = generator.generate(req)
     names = [out] if len(result.images) == 1 else \
         [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(result.images))]
-    files = [str(save_png(image, path, result.metadata)) for image, path in zip(result.images, names)]
+    files = [str(save_png(image, path, result.metadata, j)) for j, (image, path) in enumerate(zip(result.images, names))]
     print(json.dumps({**result.metadata, "files": files}, ensure_ascii=False, indent=2))
     return 0

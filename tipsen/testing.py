@@ -238,3 +238,21 @@ def slow_post(port: int, *, body_len: int, chunk: bytes, every_s: float, bound_s
         return int(answer.split(b" ", 2)[1]), answer.partition(b"\r\n\r\n")[2].decode("utf-8", "replace")
     finally:
         sock.close()
+
+
+def a1111_png_info(text: str) -> tuple[str, str, dict[str, str]]:
+    """A `parameters` chunk read the way AUTOMATIC1111's "PNG info" reads it (its parse_generation_parameters):
+    prompt lines, then the lines after `Negative prompt:`, then the last line's `key: value` pairs (a value may be
+    quoted). Returns (prompt, negative prompt, pairs)."""
+    import re
+
+    pair = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+    *lines, last = text.strip().split("\n")
+    if len(pair.findall(last)) < 3:  # no parameters line: everything is prompt
+        lines, last = [*lines, last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    return "\n".join(prompt), "\n".join(negative), {k: v for k, v in pair.findall(last)}
