@@ -188,6 +188,7 @@ class KeywordsOut(Model):
     base_model: str
     device: str
     max_keywords: int  # generate.max_keywords: the most a request may name in `keywords`
+    shapes: dict[str, list[int]]  # the page's picture shapes: square, landscape, portrait as [width, height]
     keywords: list[KeywordOut]
 
 
@@ -428,7 +429,7 @@ class Tipsen:
                            reason=a.get("reason"))
                 for slug, a in status["adapters"].items()]
         return KeywordsOut(base_model=status["base_model"], device=status["device"], max_keywords=GEN.max_keywords,
-                           keywords=rows)
+                           shapes={k: list(v) for k, v in self.generator.shapes().items()}, keywords=rows)
 
     @ui.get("/route", response_model=RouteOut,
             responses={**NOT_READY, 422: {"model": ErrorOut, "description": "a query parameter out of bounds"}})

@@ -162,6 +162,8 @@ def test_keyboard_only_reaches_the_box_submits_and_saves(page, tmp_path):
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "prompt"
     page.keyboard.type("설날 아침 떡국")
+    page.keyboard.press("Tab")  # the picture's shape: one radio group, one stop, square already chosen
+    assert page.evaluate("[document.activeElement.name, document.activeElement.value]") == ["shape", "square"]
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "make"
     page.keyboard.press("Enter")
@@ -186,6 +188,28 @@ def generate_bodies(page) -> list:
     return sent
 
 
+def test_the_shape_choice_draws_sdxls_sizes_scaled_to_the_model(page):
+    """Three big choices (SDXL's 1024x1024, 1216x832 and 832x1216, scaled to the model's native size)."""
+    shapes = page.evaluate("fetch('/keywords', {headers: {Authorization: 'Bearer ' + "
+                           "sessionStorage.getItem('tipsen-key')}}).then((r) => r.json()).then((b) => b.shapes)")
+    assert shapes["square"] == [SIZE, SIZE]  # tiny:sdxl's native size
+    (w, h) = shapes["landscape"]
+    assert shapes["portrait"] == [h, w] and w > h and w % 8 == h % 8 == 0 and w <= SIZE  # generate.max_size
+    assert abs(w / h - 1216 / 832) < 0.25  # SDXL's wide bucket, to the nearest 8 px
+    sent = generate_bodies(page)
+    page.reload()
+    page.wait_for_selector("#shapes:not([hidden])")
+    assert page.inner_text("#shapes legend") == "그림 모양"
+    page.fill("#prompt", "김장하는 날")
+    page.check('input[name="shape"][value="landscape"]')
+    page.click("#make")
+    page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+    assert (sent[-1]["width"], sent[-1]["height"]) == tuple(shapes["landscape"])
+    width, height = page.evaluate("[document.getElementById('picture').naturalWidth, "
+                                  "document.getElementById('picture').naturalHeight]")
+    assert [width, height] == shapes["landscape"]  # drawn wide
+
+
 def test_an_unsure_route_asks_and_the_chip_confirms(page):
     """차례 is a rite or a turn: the page asks, the senior confirms with the chip, and it is drawn as asked."""
     sent = generate_bodies(page)
@@ -199,7 +223,7 @@ def test_an_unsure_route_asks_and_the_chip_confirms(page):
     assert page.inner_text("#route") == "차례 (Chuseok Charye)로 그릴게요."
     page.click("#make")
     page.wait_for_selector("#result:not([hidden])", timeout=120_000)
-    assert sent[-1] == {"prompt": "차례", "keywords": ["charye"]}
+    assert sent[-1] == {"prompt": "차례", "keywords": ["charye"], "width": SIZE, "height": SIZE}  # square
     assert page.text_content("#used-keyword") == "차례 (Chuseok Charye)"
 
 
@@ -238,7 +262,7 @@ def test_chips_add_and_remove_keywords(page):
     assert pressed(page) == ["songpyeon"] and page.inner_text("#route") == "송편 (Songpyeon)으로 그릴게요."
     page.click("#make")
     page.wait_for_selector("#result:not([hidden])", timeout=120_000)
-    assert sent[-1] == {"prompt": "김장하는 날 약과도 먹었어요", "keywords": ["songpyeon"]}
+    assert sent[-1] == {"prompt": "김장하는 날 약과도 먹었어요", "keywords": ["songpyeon"], "width": SIZE, "height": SIZE}
     assert page.text_content("#used-keyword") == "송편 (Songpyeon)"
 
 

@@ -43,6 +43,10 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "ddim": ("DDIMScheduler", {}, "DDIM"),
 }
 Sampler = Literal[tuple(SAMPLERS)]
+# The page's three picture shapes: SDXL's own trained sizes (its aspect buckets), scaled to another model's native
+# size by Generator.shapes.
+SHAPES = {"square": (1024, 1024), "landscape": (1216, 832), "portrait": (832, 1216)}
+SDXL_NATIVE = 1024
 
 
 class PictureRequest(BaseModel):
@@ -203,6 +207,16 @@ class Generator:
                                   f"to {cfg.max_size}")
             sizes.append(value)
         return sizes[0], sizes[1]
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """SHAPES at this model's native size: SDXL's sizes as they are; on another model scaled by its native size
+        over SDXL's (and down to generate.max_size if need be), keeping the aspect, in multiples of 8."""
+        cfg, out = self.cfg, {}
+        for name, (w, h) in SHAPES.items():
+            scale = self.native / SDXL_NATIVE
+            scale = min(scale, cfg.max_size / (max(w, h) * scale) * scale)
+            out[name] = tuple(max(int(x * scale / 8 + 0.5) * 8, cfg.min_size) for x in (w, h))
+        return out
 
     def adapter_for(self, slug: str, *, field: str = "keyword") -> str:
         """`slug` if its adapter is loaded, else a ConfigError naming why and the usable slugs."""

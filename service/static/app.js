@@ -12,6 +12,7 @@ const TEXT = {
     another: "새 그림 만들기", details: "자세히 보기", refinedLabel: "그림에 쓴 영어 설명", keywordLabel: "주제",
     seedLabel: "그림 번호(시드)", none: "없음",
     chipsTitle: "이런 주제를 잘 그려요", chipsHelp: "누르면 주제를 더하고, 다시 누르면 빼요.",
+    shapeLabel: "그림 모양", shapeSquare: "네모반듯하게", shapeLandscape: "가로로 넓게", shapePortrait: "세로로 길게",
     notReady: "준비 중", routeTo: (kw) => `${kw.ko} (${kw.keyword})${particle(kw.ko)} 그릴게요.`,
     routeOff: (kw) => `${kw.ko} 주제는 지금 쓸 수 없어서, 기본 그림으로 그릴게요.`,
     routeNone: "적어 주신 대로 그릴게요.",
@@ -43,6 +44,7 @@ const TEXT = {
     again: "Draw it again differently", another: "Make a new picture", details: "Show details",
     refinedLabel: "English description used", keywordLabel: "Topic", seedLabel: "Picture number (seed)",
     none: "none", chipsTitle: "Topics I draw well", chipsHelp: "Tap one to add it; tap it again to take it out.",
+    shapeLabel: "Picture shape", shapeSquare: "Square", shapeLandscape: "Wide", shapePortrait: "Tall",
     notReady: "not available", routeTo: (kw) => `I'll draw it as ${kw.keyword} (${kw.ko}).`,
     routeOff: (kw) => `${kw.keyword} is not available now, so I'll draw a plain picture.`,
     routeNone: "I'll draw it as you wrote it.",
@@ -71,6 +73,7 @@ let route = null;
 const NO_TOPIC = "prompt: no topic was recognised";  // the service's words for Korean it cannot draw
 let picked = null;  // the keywords the senior chose with the chips, sent as `keywords`; null: follow the hint
 let maxKeywords = 3;  // the service's generate.max_keywords, from /keywords
+let shapes = null;  // {square, landscape, portrait}: [width, height] at the model's size, from /keywords
 let lastPrompt = "";
 let lastResult = null;  // the picture shown: its alt text follows the page's language
 let working = false;
@@ -246,6 +249,8 @@ async function loadKeywords(tries = 20) {
     const bank = await call("/keywords");
     keywords = bank.keywords;
     maxKeywords = bank.max_keywords;
+    shapes = bank.shapes || null;
+    $("shapes").hidden = !shapes;
     renderChips();
   } catch (err) {
     if (err.kind === "busy" && tries > 0) setTimeout(() => loadKeywords(tries - 1), 3000);  // still loading
@@ -278,6 +283,8 @@ async function make(prompt) {
   setWorking(true);
   try {
     const body = picked ? { prompt, keywords: picked } : { prompt };
+    const shape = document.querySelector('input[name="shape"]:checked').value;  // one radio group: one Tab stop
+    if (shapes && shapes[shape]) [body.width, body.height] = shapes[shape];
     const out = await call("/generate", { method: "POST", body, timeout: GENERATE_TIMEOUT_MS });
     showResult(out);
   } catch (err) {
