@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tipsen.bank import SUMMARY_NAME, WEIGHTS_NAME
+from tipsen.live import read_metric
 from tipsen.testing import random_bank, write_curated, write_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +172,9 @@ def test_train_on_a_full_disk_keeps_the_previous_adapter(work, tmp_path):
     assert "step 2 loss" in r.stderr  # trained: the adapter's write is what failed
     assert _error_line(r, "train", 1) == TOO_LARGE
     assert _names(out.parent) == [SLUG] and _names(out) == ["previous.txt"]  # no .yakgwa.tmp-*
-    assert not (tmp_path / "metrics").exists() and _names(tmp_path / "models" / ".checkpoints") == [f"{SLUG}.lock"]
+    # the training log is a log, written as the steps run: it shows the failed run, and the next run rewrites it
+    assert [step for step, _ in read_metric(tmp_path / "metrics" / "train" / SLUG, "loss")][-1] >= 2
+    assert _names(tmp_path / "models" / ".checkpoints") == [f"{SLUG}.lock"]
 
 
 # ---------------------------------------------------------------- the rest
