@@ -114,3 +114,32 @@ def test_bad_export_requests_are_one_line(bank, tmp_path, monkeypatch, capsys, a
     err = capsys.readouterr().err
     assert says in err.strip().splitlines()[-1] and "Traceback" not in err  # one line (argparse's usage above it)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_bank_built_from_kohya_files_draws_the_same(bank, tmp_path, demo_params, registry, capsys):
+    """Adapters trained elsewhere, in the kohya layout: indexed and verified as the bank's own, drawn the same."""
+    from tipsen.generate import Generator
+
+    other = tmp_path / "models"
+    (other / "loras" / SLUG).mkdir(parents=True)
+    assert main(["export", SLUG, "--out", str(other / "loras" / SLUG / WEIGHTS_NAME), "--bank", str(bank)]) == 0
+    capsys.readouterr()
+    index = build_bank(other / "loras", other / "bank.json", keywords=[SLUG], registry=registry,
+                       base_model="tiny:sdxl")
+    (entry,) = index["adapters"]
+    assert (entry["layout"], entry["rank"], entry["alpha"]) == ("kohya", 4, 8.0)  # from its ss_* metadata
+    ours = json.loads(bank.read_text())["adapters"][0]
+    assert (ours["layout"], ours["rank"], ours["alpha"]) == ("diffusers", 4, 8.0)
+
+    request = {"prompt": "A photo of Yakgwa Food", "keyword": SLUG, "seed": 3, "steps": 2}
+    drawn = [Generator(demo_params, bank=b, registry=registry).generate(request) for b in (bank, other / "bank.json")]
+    assert all(d.metadata["adapter"] == SLUG for d in drawn)
+    a, b = (np.asarray(d.images[0], dtype=np.int16) for d in drawn)
+    assert np.abs(a - b).max() <= 1  # the same picture, through the same mixed-batch path
+
+    weights = other / "loras" / SLUG / WEIGHTS_NAME  # and the same checks: a changed byte is refused, not drawn
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    broken = Generator(demo_params, bank=other / "bank.json", registry=registry)
+    assert broken.status()["adapters"][SLUG]["reason"] == "checksum mismatch"

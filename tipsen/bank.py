@@ -35,6 +35,16 @@ def adapter_metadata(weights: Path) -> dict[str, str]:
     return {k.removeprefix(META_PREFIX): v for k, v in meta.items() if k.startswith(META_PREFIX)}
 
 
+def adapter_layout(weights: Path) -> tuple[str, dict[str, str]]:
+    """An adapter file's layout, "diffusers" (tipsen's, `unet.…`) or "kohya" (`lora_unet_…`, an adapter trained
+    elsewhere, e.g. with kohya's sd-scripts or `tipsen export`), and its whole metadata; header and key names only."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        keys, header = list(f.keys()), f.metadata() or {}
+    return ("kohya" if keys and all(k.startswith(("lora_unet_", "lora_te")) for k in keys) else "diffusers"), header
+
+
 def build_bank(loras: Path, out: Path, *, keywords: list[str], registry: Registry, base_model: str,
                allow_empty: bool = False) -> dict:
     """Index every trained adapter of `keywords` under `loras/` into `out`, atomically.
@@ -59,6 +69,7 @@ def build_bank(loras: Path, out: Path, *, keywords: list[str], registry: Registr
             continue
         try:
             meta = adapter_metadata(weights)  # the header only: a pickle under this name is never unpickled
+            layout, header = adapter_layout(weights)
         except SafetensorError as exc:
             raise ConfigError(f"--loras {loras}: {slug}/{WEIGHTS_NAME} is not a safetensors file ({exc}); "
                               "retrain the keyword or remove the file") from None
@@ -73,8 +84,9 @@ def build_bank(loras: Path, out: Path, *, keywords: list[str], registry: Registr
             "slug": slug, "keyword": kw.keyword, "class_token": kw.class_token, "ko": kw.ko,
             "aliases": list(kw.aliases), "category": kw.category,
             "path": weights.resolve().relative_to(out.parent.resolve()).as_posix(),
-            "sha256": sha256_file(weights), "rank": int(meta.get("rank", 0)) or None,
-            "alpha": float(meta["alpha"]) if "alpha" in meta else None,
+            "sha256": sha256_file(weights), "layout": layout,
+            "rank": int(meta.get("rank") or header.get("ss_network_dim") or 0) or None,
+            "alpha": float(meta.get("alpha") or header.get("ss_network_alpha") or 0) or None,
             "base_model": meta.get("base_model", base_model), "summary": summary,
         })
     if missing:
