@@ -134,6 +134,57 @@ def test_validation_grid_draws_the_adapter_at_the_serving_scale(trained, quick):
     assert np.abs(row - cell(1.0)).max() > 1  # not at full strength
 
 
+def test_previews_every_n_steps_at_the_serving_scale_survive_a_resume(quick, data, tmp_path, trained):
+    from PIL import Image
+
+    from tipsen.train import PREVIEWS_NAME
+
+    params = with_train(quick, steps=6, checkpoint_every=2, preview_every=2)  # previews at steps 2 and 4
+
+    def crash(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt  # after the step-4 checkpoint and preview
+
+    ckpt, out = tmp_path / "ckpt" / SLUG, tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        train(params, SLUG, data, out, checkpoint_dir=ckpt, metrics_dir=tmp_path / "m", progress=False,
+              log_fn=crash)
+    assert sorted(p.name for p in (ckpt / "previews").iterdir()) == ["0000002.png", "0000004.png"]
+    resumed = train(params, SLUG, data, out, checkpoint_dir=ckpt, metrics_dir=tmp_path / "m", progress=False)
+    straight = train(params, SLUG, data, tmp_path / "straight", checkpoint_dir=tmp_path / "c2" / SLUG,
+                     metrics_dir=tmp_path / "m2", progress=False)
+    assert resumed.resumed_from == 4 and not ckpt.exists()  # the rows went into the grid, then were removed
+    assert sha256_file(out / WEIGHTS_NAME) == sha256_file(tmp_path / "straight" / WEIGHTS_NAME)  # untouched RNG
+    grid = Image.open(out / PREVIEWS_NAME)
+    assert grid.size == (2 * 64, 2 * 64)  # validation seeds across, steps 2 and 4 down
+    assert (out / PREVIEWS_NAME).read_bytes() == (tmp_path / "straight" / PREVIEWS_NAME).read_bytes()
+    images = tmp_path / "m" / "train" / SLUG / "plots" / "images"
+    assert sorted(p.name for p in (images / "previews").iterdir()) == ["2.png", "4.png"]  # dvclive's slider
+    first = np.asarray(grid.convert("RGB"))[:64]
+    assert np.array_equal(first, np.asarray(Image.open(images / "previews" / "2.png").convert("RGB")))
+    # the last preview row is the adapter at step 4, at the serving scale: unlike the first, and not the base
+    validation = np.asarray(Image.open(out / "validation.png").convert("RGB")).astype(int)
+    assert np.abs(first.astype(int) - validation[:64]).max() > 1  # not the base model's row
+
+
+def test_a_preview_draws_what_the_service_would(quick, data, trained):
+    """A preview row is the adapter at the serving scale: started from the trained adapter, it is validation.png's
+    LoRA row (same seeds, steps and guidance), drawn around the training UNet."""
+    from PIL import Image
+
+    from tipsen.registry import Registry
+    from tipsen.train import Trainer
+    from tipsen.train_data import load_examples
+
+    out = trained[0] / "models" / "loras" / SLUG
+    trainer = Trainer(quick, Registry.load()[SLUG], load_examples(data, SLUG, resolution=64),
+                      init_from=out / WEIGHTS_NAME)
+    row = np.asarray(trainer.preview(quick, Registry.load()[SLUG])).astype(int)
+    validation = np.asarray(Image.open(out / "validation.png").convert("RGB")).astype(int)
+    assert np.abs(row - validation[64:]).max() <= 1
+    assert trainer.unet.training  # back to training mode
+
+
 def test_bank_indexes_the_adapter(trained, registry):
     tmp, summary, _ = trained
     bank = build_bank(tmp / "models" / "loras", tmp / "models" / "bank.json", keywords=[SLUG], registry=registry,

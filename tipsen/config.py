@@ -113,6 +113,7 @@ class TrainParams(Section):
     compile: bool = False
     allow_tf32: bool = True
     validation_seeds: list[int] = [0, 1]  # columns of validation.png; [] skips the grid
+    preview_every: int = Field(0, ge=0)  # a row of previews (validation seeds, serving scale) every N steps; 0: none
     sample_steps: int = Field(28, ge=1, le=200)  # denoising steps for prior class images and validation.png
 
     @model_validator(mode="after")

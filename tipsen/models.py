@@ -305,15 +305,17 @@ def resolve_ref(ref: str) -> str:
 # ---------------------------------------------------------------- loaders
 
 
-def load_pipeline(ref: str, *, pipeline_class: str = "auto", device: str = "auto", dtype: str = "auto"):
-    """Load a text-to-image diffusers pipeline from safetensors only."""
+def load_pipeline(ref: str, *, pipeline_class: str = "auto", device: str = "auto", dtype: str = "auto",
+                  **components):
+    """Load a text-to-image diffusers pipeline from safetensors only; `components` (e.g. `unet=`) are used as
+    given instead of being loaded."""
     import diffusers
 
     device = resolve_device(device)
     path = resolve_ref(ref)
     cls = diffusers.AutoPipelineForText2Image if pipeline_class == "auto" else getattr(diffusers, pipeline_class)
     with _LOAD_LOCK:
-        pipe = cls.from_pretrained(path, dtype=resolve_dtype(dtype, device), use_safetensors=True)
+        pipe = cls.from_pretrained(path, dtype=resolve_dtype(dtype, device), use_safetensors=True, **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 VALIDATION_NAME = "validation.png"
+PREVIEWS_NAME = "previews.png"  # beside the adapter: a row per train.preview_every steps
+PREVIEWS_DIR = "previews"  # beside the checkpoint: the rows so far
 VALIDATION_GUIDANCE = 5.0  # the paper's sampling guidance
 TEXT_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # as diffusers' DreamBooth-LoRA script
 
@@ -69,7 +72,7 @@ class TrainSummary:
 
 
 # Train params that change how a run is logged, checkpointed or previewed, never its weights.
-NOT_IN_WEIGHTS = frozenset({"checkpoint_every", "log_every", "validation_seeds"})
+NOT_IN_WEIGHTS = frozenset({"checkpoint_every", "log_every", "validation_seeds", "preview_every"})
 # Train params added after adapters were first published: at their defaults they leave the hash as it was, so
 # upgrading tipsen marks no adapter stale.
 ADDED_LATER = ("lr_scheduler", "lr_warmup_steps", "gradient_accumulation_steps")
@@ -120,7 +123,7 @@ class Trainer:
         self.cfg = cfg = params.train
         self.device = resolve_device(params.models.device)
         self.precision = _precision(cfg, self.device)
-        dtype = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.precision]
+        dtype = self.dtype_name = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.precision]
         self.dtype = getattr(torch, dtype)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -199,6 +202,34 @@ class Trainer:
             w = snr.clamp(max=self.cfg.snr_gamma)  # min(SNR, gamma), Hang et al. 2023
             loss = loss * (w / snr if self.scheduler.config.prediction_type == "epsilon" else w / (snr + 1))
         return loss.mean()
+
+    def preview(self, params: Params, kw: Keyword):
+        """One row of pictures from the adapter as it is now: the validation seeds at the serving scale. The
+        pipeline is built around the training UNet (its VAE and text encoders loaded for the moment), with its
+        own generators, so the run's random state and its resume are untouched."""
+        import torch
+        from diffusers.training_utils import free_memory
+        from PIL import Image
+
+        cfg, seeds = self.cfg, self.cfg.validation_seeds
+        pipe = load_pipeline(params.models.base, pipeline_class=params.models.pipeline_class, device=self.device,
+                             dtype=self.dtype_name, unet=self.unet)
+        self.unet.eval()
+        try:
+            with torch.no_grad(), td.autocast(self.device, self.dtype):
+                images = pipe(prompt=[kw.prompt] * len(seeds), num_inference_steps=cfg.sample_steps,
+                              height=cfg.resolution, width=cfg.resolution, guidance_scale=VALIDATION_GUIDANCE,
+                              cross_attention_kwargs={"scale": params.generate.lora_scale},
+                              generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+        finally:
+            self.unet.train()
+            del pipe
+            free_memory()
+        r = cfg.resolution
+        row = Image.new("RGB", (r * len(seeds), r))
+        for col, image in enumerate(images):
+            row.paste(image.resize((r, r)), (col * r, 0))
+        return row
 
     def _load_adapter(self, file: Path) -> None:
         """Start from the UNet LoRA in `file`: read by the pipeline's own loader (diffusers' layout or a kohya/A1111
@@ -412,6 +443,8 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
         log.info("resuming %s from step %d (%s)", slug, start, ckpt)
     for step, value in enumerate(trainer.losses if live else [], 1):  # a resumed run's log is the checkpoint's
         log_step(live, step, loss=value, lr=trainer.rates[step - 1])
+    previews = _previews(ckpt.parent / PREVIEWS_DIR, start, live)
+    every = cfg.preview_every if cfg.validation_seeds else 0
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {slug}", disable=not progress, dynamic_ncols=True)
     t_loop = time.perf_counter()
     for step in range(start + 1, cfg.steps + 1):
@@ -425,6 +458,12 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
             (log.debug if progress else log.info)("step %d loss %.4f", step, sum(window) / len(window))
             if log_fn:
                 log_fn(step, sum(window) / len(window))
+        if every and step % every == 0 and step < cfg.steps:
+            row = trainer.preview(params, kw)
+            previews.mkdir(parents=True, exist_ok=True)
+            row.save(previews / f"{step:07d}.png")  # kept beside the checkpoint, for a resumed run's grid
+            if live:
+                live.log_image(f"previews/{step}.png", row)  # dvclive's slider: one image per step
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             trainer.save_checkpoint(ckpt, run_key)
     bar.close()
@@ -445,6 +484,8 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
         trainer.release()
         if cfg.validation_seeds:
             validation_grid(params, kw, tmp).save(tmp / VALIDATION_NAME)
+        if rows := sorted(previews.glob("*.png")):
+            _stack(rows).save(tmp / PREVIEWS_NAME)
         summary.wall_time_s = round(time.perf_counter() - t0, 3)
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary.as_dict(), indent=2) + "\n", encoding="utf-8")
     if live:
@@ -454,10 +495,36 @@ def _train(params: Params, kw: Keyword, data: Path, out: Path, *, checkpoint_dir
         (Path(live.plots_dir) / "images").mkdir(exist_ok=True)  # a dvc.yaml output, empty without validation seeds
         live.end()
     checkpoint.remove(ckpt)
+    shutil.rmtree(previews, ignore_errors=True)
     with contextlib.suppress(OSError):  # keep the folder if something else lives there
         ckpt.parent.rmdir()
     log.info("trained %s: %s", slug, summary.as_dict())
     return summary
+
+
+def _previews(folder: Path, start: int, live) -> Path:
+    """The folder of a run's preview rows: those of steps up to `start` (a resume) are kept and logged again, any
+    later or another run's are removed."""
+    for row in sorted(folder.glob("*.png")):  # none when the folder does not exist
+        step = int(row.stem)
+        if step > start:
+            row.unlink()
+        elif live:
+            live.log_image(f"previews/{step}.png", row)
+    return folder
+
+
+def _stack(rows: list[Path]):
+    """Preview rows, oldest at the top, as one image."""
+    from PIL import Image
+
+    images = [Image.open(r).convert("RGB") for r in rows]
+    grid = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)))
+    y = 0
+    for image in images:
+        grid.paste(image, (0, y))
+        y += image.height
+    return grid
 
 
 def start_adapter(value: str, *, bank: Path, registry: Registry) -> Path:
