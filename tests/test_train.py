@@ -154,7 +154,11 @@ def test_previews_every_n_steps_at_the_serving_scale_survive_a_resume(quick, dat
     straight = train(params, SLUG, data, tmp_path / "straight", checkpoint_dir=tmp_path / "c2" / SLUG,
                      metrics_dir=tmp_path / "m2", progress=False)
     assert resumed.resumed_from == 4 and not ckpt.exists()  # the rows went into the grid, then were removed
-    assert sha256_file(out / WEIGHTS_NAME) == sha256_file(tmp_path / "straight" / WEIGHTS_NAME)  # untouched RNG
+    assert sha256_file(out / WEIGHTS_NAME) == sha256_file(tmp_path / "straight" / WEIGHTS_NAME)
+    plain = train(with_train(params, preview_every=0), SLUG, data, tmp_path / "plain",
+                  checkpoint_dir=tmp_path / "c3" / SLUG, progress=False)
+    assert sha256_file(tmp_path / "plain" / WEIGHTS_NAME) == sha256_file(out / WEIGHTS_NAME)  # previews take no RNG
+    assert plain.params_hash == resumed.params_hash and not (tmp_path / "plain" / PREVIEWS_NAME).exists()
     grid = Image.open(out / PREVIEWS_NAME)
     assert grid.size == (2 * 64, 2 * 64)  # validation seeds across, steps 2 and 4 down
     assert (out / PREVIEWS_NAME).read_bytes() == (tmp_path / "straight" / PREVIEWS_NAME).read_bytes()
