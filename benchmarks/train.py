@@ -183,6 +183,9 @@ def main() -> None:
                 log_step(again, i, loss=0.1, lr=2e-4)
 
         log_replay = timeit(replay, reps=3, warmup=1)
+        # One row of previews (train.preview_every): the validation seeds at the serving scale, the pipeline built
+        # around the training UNet (its VAE and text encoders loaded each time)
+        preview = timeit(lambda: cached.preview(params, registry[SLUG]), reps=3, warmup=1)
 
     step_c, step_u = loop["a"]["median"] / steps, loop["b"]["median"] / steps
     rows = [
@@ -198,6 +201,8 @@ def main() -> None:
          "max_s": log_one["max"]},
         {"what": "dvclive log, replay of 500 steps", "median_s": log_replay["median"], "min_s": log_replay["min"],
          "max_s": log_replay["max"]},
+        {"what": f"preview row ({len(params.train.validation_seeds)} seeds, {params.train.sample_steps} steps)",
+         "median_s": preview["median"], "min_s": preview["min"], "max_s": preview["max"]},
     ]
     print(table(rows))
     ratio = step_u / step_c
@@ -205,9 +210,11 @@ def main() -> None:
     print(f"cache makes a step {ratio:.2f}x cheaper (target >= 1.5x; the encoders' share predicts {expected:.2f}x); "
           f"checkpoint {size / 1e6:.2f} MB, "
           f"save = {save['median'] / step_c:.2f} steps, resume = {load['median'] / step_c:.2f} steps; "
-          f"the dvclive log costs {log_one['median'] / step_c:.1%} of a cached step")
+          f"the dvclive log costs {log_one['median'] / step_c:.1%} of a cached step; "
+          f"a preview row costs {preview['median'] / step_c:.1f} steps")
     out = write_result("train" + ("-smoke" if args.smoke else ""), {
-        "rows": rows, "uncached_over_cached": ratio, "log_over_step": log_one["median"] / step_c, "predicted_from_components": expected, "checkpoint_bytes": size,
+        "rows": rows, "uncached_over_cached": ratio, "log_over_step": log_one["median"] / step_c,
+        "preview_over_step": preview["median"] / step_c, "predicted_from_components": expected, "checkpoint_bytes": size,
         "steps_per_sample": steps,
         "paired": loop}, params={"profile": args.profile, "base": params.models.base, "images": images,
                                  "train": params.train.model_dump(mode="json"), "threads": torch.get_num_threads(),

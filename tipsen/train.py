@@ -270,8 +270,8 @@ class Trainer:
         import torch
 
         cfg, micro = self.cfg, self.cfg.gradient_accumulation_steps
-        for group in self.opt.param_groups:
-            group["lr"] = self.rates[self.step_no]
+        for group in self.opt.param_groups:  # past train.steps (a benchmark's extra steps) the last rate holds
+            group["lr"] = self.rates[min(self.step_no, len(self.rates) - 1)]
         value = 0.0
         for _ in range(micro):
             loss = self._batch_loss()
