@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-# Offline by design: nothing is downloaded at run time; tiny models are built into .cache/.
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
+# The demo, the tests and the benchmarks run offline (tiny models are built into .cache/); `make paper` and
+# `make serve` may download the real models, so only these targets set OFFLINE.
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export BENTOML_DO_NOT_TRACK := true
@@ -37,7 +37,7 @@ lock:
 	$(BIN)/python scripts/bento-lock.py
 
 demo: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+	$(OFFLINE) PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 # The paper's run: all 30 keywords on the paper profile (needs a GPU and the real weights).
 ALL_KEYWORDS := $(shell sed -n 's/^- {slug: \([a-z0-9_-]*\),.*/\1/p' data/keywords.yaml | paste -sd, -)
@@ -47,14 +47,14 @@ paper: venv
 # Every test, as CI runs it; installs chromium for the browser tests first where it can.
 test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/test-deps.sh
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(OFFLINE) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 # Every test not marked slow (no servers, browser, subprocess training or benchmark runs): a few minutes.
 test-fast: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
+	$(OFFLINE) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
 
 bench: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks
+	$(OFFLINE) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks
 
 serve: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/tipsen serve

@@ -239,7 +239,8 @@ def packed(tmp_path_factory, hub):
     and the model folder its image would hold."""
     tmp = tmp_path_factory.mktemp("packed")
     tree = project_copy(tmp)
-    write_params(tree / "params.yaml", {"service": {"gpus": 0, "pack": ["base", "llm"]}}, profile="paper")
+    write_params(tree / "params.yaml", {"service": {"gpus": 0, "pack": ["base", "llm"]},
+                                        "models": {"device": "auto"}}, profile="paper")  # the paper's asks for CUDA
     home = tmp / "bentoml"
     online = {k: v for k, v in build_env(home, HF_ENDPOINT=hub.url, HF_HOME=str(tmp / "hf")).items()
               if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}

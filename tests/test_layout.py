@@ -201,3 +201,24 @@ def test_the_bento_installs_a_lock_that_is_current():
     assert {"torch", "diffusers", "bentoml", "kiwipiepy-model"} <= set(pins)
     bentofile = (ROOT / "bentofile.yaml").read_text(encoding="utf-8")
     assert 'requirements_txt: "service/requirements.lock"' in bentofile
+
+
+def test_only_the_demo_tests_and_benchmarks_run_offline(tmp_path):
+    """`make paper` downloads the real models on a fresh machine: it is not forced offline as the demo is."""
+    import os
+    import subprocess
+
+    stub = tmp_path / "bin"  # a stand-in for dvc (the paper run itself needs a GPU): it prints what it was given
+    stub.mkdir()
+    (stub / "dvc").write_text('#!/bin/sh\necho "offline=${HF_HUB_OFFLINE:-unset},${TRANSFORMERS_OFFLINE:-unset} $1"\n')
+    (stub / "dvc").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MAKEFLAGS")}
+    env["PATH"] = f"{stub}{os.pathsep}{env['PATH']}"  # before any real dvc; BIN names no folder
+    paper = subprocess.run(["make", "-s", "-o", "venv", "BIN=.no-such-folder", "paper"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert paper.returncode == 0, paper.stderr
+    assert paper.stdout.strip() == "offline=unset,unset exp"
+    for target in ("demo", "test", "test-fast", "bench"):  # the tiny models, built here: never the network
+        dry = subprocess.run(["make", "-n", "-o", "venv", target], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert "HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1" in dry.stdout, (target, dry.stdout)

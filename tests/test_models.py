@@ -86,3 +86,70 @@ def test_unknown_tiny_and_bad_clip_refs(tmp_path):
         models.resolve_ref("tiny:gpt")
     with pytest.raises(ConfigError, match="open_clip_model.safetensors"):
         models.load_clip(str(tmp_path))
+
+
+# ---------------------------------------------------------------- the paper run on real hardware (issue 16)
+
+
+def test_a_named_device_that_is_missing_is_one_line_never_the_cpu(tmp_path, capsys):
+    """This machine has no GPU: the paper profile's `device: cuda` fails at once, saying why."""
+    assert not torch.cuda.is_available()
+    with pytest.raises(ConfigError, match=r"^models\.device: cuda, but CUDA is not usable here: .+; use device: auto"):
+        models.resolve_device("cuda")
+    assert models.resolve_device("auto") == "cpu" and models.resolve_device("cpu") == "cpu"
+    from tipsen.cli import main
+    from tipsen.config import load_params
+
+    from tipsen.paths import ROOT
+
+    assert load_params(ROOT / "params.yaml", profile="paper").models.device == "cuda"
+    code = main(["generate", "A photo of Gimjang Tradition", "--profile", "paper", "--params",
+                 str(ROOT / "params.yaml"), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("tipsen generate: error: models.device: cuda, but")
+    assert not list(tmp_path.iterdir())
+
+
+def test_auto_dtype_follows_the_gpus_capability(monkeypatch):
+    # No GPU here: torch's capability answer is replaced, the one thing this machine cannot show.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert models.resolve_dtype("auto", "cuda") == torch.bfloat16  # Ampere and later
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert models.resolve_dtype("auto", "cuda") == torch.float16  # a V100 or T4: no silent bf16 emulation
+    assert models.resolve_dtype("auto", "cpu") == torch.float32 and models.resolve_dtype("float16", "cpu") == torch.float16
+
+
+def test_models_vae_replaces_the_base_models_vae_only(tmp_path, demo_params):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(models.resolve_ref("tiny:sdxl"), subfolder="vae", use_safetensors=True)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(0.5)  # another VAE than the pipeline's own, recognisably
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    params = demo_params.model_copy(update={"models": demo_params.models.model_copy(
+        update={"vae": str(tmp_path / "vae")})})
+    pipe = models.load_base(params)
+    own = models.load_base(demo_params)
+    key = "decoder.conv_out.weight"
+    assert torch.equal(pipe.vae.state_dict()[key], vae.state_dict()[key])
+    assert not torch.equal(own.vae.state_dict()[key], vae.state_dict()[key])
+    other = models.load_base(params, base="tiny:sd")  # another base model keeps its own VAE
+    assert torch.equal(other.vae.state_dict()[key], models.load_pipeline("tiny:sd").vae.state_dict()[key])
+
+
+def test_the_evaluation_draws_without_a_safety_checker():
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    from tipsen.evaluate import SAFETY_CHECKER, unfiltered
+
+    pipe = models.load_pipeline("tiny:sd")
+    config = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                                     "num_hidden_layers": 2, "projection_dim": 32},
+                        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                                       "num_hidden_layers": 2, "image_size": 32, "patch_size": 4, "projection_dim": 32},
+                        projection_dim=32)
+    pipe.safety_checker = StableDiffusionSafetyChecker(config)  # SD v1.4 ships one
+    unfiltered(pipe)
+    assert pipe.safety_checker is None and SAFETY_CHECKER.startswith("off")

@@ -52,7 +52,10 @@ class ModelsParams(Section):
     dino: str | None = "facebook/dinov2-small"  # transformers ref, tiny:dino, or null to skip
     llm: str = "meta-llama/Meta-Llama-3-8B-Instruct"  # causal LM for the assistant, or tiny:llm
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where the GPU has it, else fp16
+    # a VAE to use instead of the base model's own: on GPUs without bf16, SDXL's VAE overflows in fp16, so use an
+    # fp16-safe one such as madebyollin/sdxl-vae-fp16-fix; HF id or local dir (config.json + safetensors)
+    vae: str | None = None
 
 
 class CurateParams(Section):

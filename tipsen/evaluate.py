@@ -29,7 +29,10 @@ from tipsen.registry import Registry
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the generation or embedding recipe changes, so caches are not reused
+CACHE_VERSION = 2  # bump when the generation or embedding recipe changes (2: no safety checker), so caches are not reused
+# A safety checker (SD 1.x) turns a flagged picture black, and a black picture would still count in CLIP-I:
+# the evaluation draws without it, and says so in its results.
+SAFETY_CHECKER = "off: a flagged picture would be black and still count in CLIP-I"
 SCORES = ("clip_align", "dino_align", "clip_t", "diversity")  # a per-keyword row's numbers
 GRID_CELL = 128  # px per grid cell: readable labels even for 64 px demo images
 TINY_NOTE = ("DEMO NUMBERS: produced by random tiny models ({refs}); they say nothing about image quality. "
@@ -150,7 +153,7 @@ def image_spec(params: Params, m: EvalMethod, slug: str, seed: int, adapter: str
         "lora": m.lora, "adapter": adapter, "lora_scale": s["lora_scale"] if m.lora else None,
         "assist": extra.get("assist") if m.assist else None, "steps": s["steps"], "guidance": s["guidance"],
         "width": s["width"], "height": s["height"], "negative": params.generate.negative_prompt,
-        "keyword": slug, "seed": seed,
+        "keyword": slug, "seed": seed, "vae": params.models.vae if m.base == params.models.base else None,
     }
 
 
@@ -204,6 +207,13 @@ def generate_missing(run: Run, todo: list[tuple[str, int, Path, dict]], generato
     log.info("%s: generated %d images", run.spec.name, len(todo))
 
 
+def unfiltered(pipe) -> None:
+    """The pipeline without its safety checker, if it has one (SAFETY_CHECKER)."""
+    if getattr(pipe, "safety_checker", None) is not None:
+        log.info("%s: safety checker off for the evaluation", type(pipe).__name__)
+        pipe.safety_checker = None
+
+
 def produce(runs: list[Run], *, params: Params, slugs: list[str], registry: Registry, curated: Path, cache: Path,
             bank: Path, adapters: dict[str, str]) -> None:
     """Plan every method against the cache, then load each base model that has work once, and generate."""
@@ -236,6 +246,7 @@ def produce(runs: list[Run], *, params: Params, slugs: list[str], registry: Regi
             for r in group:
                 r.error = f"load {base}: {type(exc).__name__}: {exc}"
             continue
+        unfiltered(generator.pipe)
         for r in group:
             try:
                 generate_missing(r, todos[id(r)], generator, params=params, registry=registry, assistant=assistant)
@@ -511,7 +522,8 @@ def evaluate(params: Params, *, curated: Path = Path("data/curated"), bank: Path
         "profile": params.profile,
         "note": TINY_NOTE.format(refs=", ".join(tiny)) if tiny else "",
         "models": {"clip": params.models.clip, "dino": params.models.dino, "bases": bases,
-                   "llm": params.models.llm, "assistant_backend": params.assistant.backend},
+                   "llm": params.models.llm, "assistant_backend": params.assistant.backend,
+                   "vae": params.models.vae, "safety_checker": SAFETY_CHECKER},
         "keywords": slugs, "skipped_keywords": skipped,
         "images": {"generated_per_keyword": ev.images_per_keyword,
                    "real_per_keyword": {s: len(real[s]) for s in slugs}, "real_source": {s: source[s] for s in slugs}},

@@ -129,14 +129,13 @@ class Generator:
         `pipe`: an already loaded pipeline instead of `base` (the full-size check builds SDXL at random)."""
         from tipsen.bank import Bank
         from tipsen.lora_batch import components, load_adapters
-        from tipsen.models import load_pipeline
+        from tipsen.models import load_base
 
         self.cfg = params.generate
         self.base = base or params.models.base
         self.registry = registry or Registry.load()
         self.assistant = assistant  # anything with settle(texts, routes) and refine_batch(prompts, keywords=, seeds=)
-        self.pipe = pipe or load_pipeline(self.base, pipeline_class=params.models.pipeline_class,
-                                          device=params.models.device, dtype=params.models.dtype)
+        self.pipe = pipe or load_base(params, base=self.base)
         self.modules = components(self.pipe)
         sample = self.pipe.unet.config.sample_size
         self.native = (sample if isinstance(sample, int) else sample[0]) * self.pipe.vae_scale_factor

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,8 +34,24 @@ def cache_dir() -> Path:
 
 
 def resolve_device(pref: str = "auto") -> str:
+    """`models.device`: auto takes CUDA, then MPS, then the CPU; a device named outright must be there, or this is
+    a one-line ConfigError saying why (never a silent fall back to the CPU, where SDXL takes minutes a picture)."""
     import torch
 
+    if pref == "cuda":
+        with warnings.catch_warnings(record=True) as caught:  # torch says why CUDA is unusable only as a warning
+            warnings.simplefilter("always")
+            usable = torch.cuda.is_available()
+        if not usable:
+            why = ("this torch build has no CUDA" if torch.version.cuda is None else
+                   next((" ".join(str(w.message).split())[:300] for w in caught if "CUDA" in str(w.message)),
+                        f"no NVIDIA GPU or driver was found (torch {torch.__version__} is built for CUDA "
+                        f"{torch.version.cuda}; the driver must support it)"))
+            raise ConfigError(f"models.device: cuda, but CUDA is not usable here: {why}; use device: auto to run "
+                              "on the CPU instead (slow)")
+        return "cuda"
+    if pref == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("models.device: mps, but Apple's Metal backend is not available here; use device: auto")
     if pref != "auto":
         return pref
     if torch.cuda.is_available():
@@ -45,10 +62,14 @@ def resolve_device(pref: str = "auto") -> str:
 
 
 def resolve_dtype(pref: str, device: str):
+    """`models.dtype`: auto is bf16 on a CUDA GPU that computes in it (Ampere and later), fp16 on an older one, and
+    fp32 elsewhere (bf16 matrix products are slow on CPUs)."""
     import torch
 
     if pref == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32  # fp32 on CPU: bf16 matmuls are slow there
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.float32
     return getattr(torch, pref)
 
 
@@ -318,6 +339,21 @@ def load_pipeline(ref: str, *, pipeline_class: str = "auto", device: str = "auto
         pipe = cls.from_pretrained(path, dtype=resolve_dtype(dtype, device), use_safetensors=True, **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_base(params, *, base: str | None = None, device: str | None = None, dtype: str | None = None, **components):
+    """The profile's pipeline (`models.*`), or another `base` with the profile's settings. `models.vae` replaces
+    the VAE of the profile's own base model only (an fp16-safe SDXL VAE is SDXL's, not SD 1.x's)."""
+    m = params.models
+    ref, device = base or m.base, resolve_device(device or m.device)
+    dtype = dtype or m.dtype
+    if m.vae and ref == m.base and "vae" not in components:
+        from diffusers import AutoencoderKL
+
+        with _LOAD_LOCK:
+            components["vae"] = AutoencoderKL.from_pretrained(resolve_ref(m.vae), dtype=resolve_dtype(dtype, device),
+                                                              use_safetensors=True)
+    return load_pipeline(ref, pipeline_class=m.pipeline_class, device=device, dtype=dtype, **components)
 
 
 def load_clip(ref: str, *, device: str = "auto"):

@@ -30,7 +30,7 @@ from tipsen.errors import ConfigError
 from tipsen.io import exclusive, publish_dir, sha256_file, sha256_json, sweep_stale
 from tipsen.live import log_step, open_live
 from tipsen.lora_batch import expected_warnings_quiet
-from tipsen.models import load_pipeline, resolve_device
+from tipsen.models import load_base, resolve_device
 from tipsen.registry import Keyword, Registry
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,7 @@ class Trainer:
         if self.device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
             torch.cuda.reset_peak_memory_stats()
-        pipe = pipe or load_pipeline(params.models.base, pipeline_class=params.models.pipeline_class,
-                                     device=self.device, dtype=dtype)
+        pipe = pipe or load_base(params, device=self.device, dtype=dtype)
         self.pipe_cls, self.unet = type(pipe), pipe.unet
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         if self.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
@@ -212,8 +211,7 @@ class Trainer:
         from PIL import Image
 
         cfg, seeds = self.cfg, self.cfg.validation_seeds
-        pipe = load_pipeline(params.models.base, pipeline_class=params.models.pipeline_class, device=self.device,
-                             dtype=self.dtype_name, unet=self.unet)
+        pipe = load_base(params, device=self.device, dtype=self.dtype_name, unet=self.unet)
         self.unet.eval()
         try:
             with torch.no_grad(), td.autocast(self.device, self.dtype):
@@ -367,8 +365,7 @@ def validation_grid(params: Params, kw: Keyword, weights: Path):
     from PIL import Image
 
     cfg, seeds = params.train, params.train.validation_seeds
-    device = resolve_device(params.models.device)
-    pipe = load_pipeline(params.models.base, pipeline_class=params.models.pipeline_class, device=device)
+    pipe = load_base(params)
     kwargs = dict(prompt=[kw.prompt] * len(seeds), num_inference_steps=cfg.sample_steps, height=cfg.resolution,
                   width=cfg.resolution, guidance_scale=VALIDATION_GUIDANCE)
     with torch.no_grad():
