@@ -288,6 +288,7 @@ class Tipsen:
             curated = ROOT / paths.CURATED
             self.assistant = Assistant.from_params(PARAMS, registry=self.registry,
                                                    curated=curated if curated.is_dir() else None)
+            self.assistant.warm()  # the LLM is part of readiness, not the first senior's wait
             self.generator = Generator(PARAMS, bank=BANK, assistant=self.assistant, registry=self.registry)
             log.info("ready: %s", self.generator.status())
             self.loaded.set()

@@ -338,8 +338,15 @@ def test_a_missing_packed_copy_is_one_line_and_never_downloaded(packed, hub, tmp
     assert not (found / UNET).exists() and hub.requests == []  # nothing was fetched in its place
 
 
-def test_readyz_gives_the_reason_the_models_did_not_load(tmp_path):
-    params = write_params(tmp_path / "params.yaml", {"models": {"base": "tiny:nope"}})
+@pytest.mark.parametrize("models, says", [
+    ({"base": "tiny:nope"}, "'tiny:nope': unknown tiny model"),
+    ({"llm": "no-such-org/no-such-llm"}, "models.llm: 'no-such-org/no-such-llm' cannot be loaded"),  # before ready
+])
+def test_readyz_gives_the_reason_the_models_did_not_load(tmp_path, models, says):
+    sections = {"models": models}
+    if "llm" in models:
+        sections["assistant"] = {"backend": "transformers"}
+    params = write_params(tmp_path / "params.yaml", sections)
     bank = tmp_path / "bank.json"
     bank.write_text(json.dumps({"format": 1, "base_model": "tiny:nope", "adapters": []}), encoding="utf-8")
     server = Server(tmp_path, params=params, bank=bank)
@@ -354,8 +361,8 @@ def test_readyz_gives_the_reason_the_models_did_not_load(tmp_path):
                 pass  # not listening yet
             assert server.proc.poll() is None, server.logs()[-4000:]
             time.sleep(0.2)
-        assert ready.status_code == 503 and "'tiny:nope': unknown tiny model" in ready.text, ready.text
-        errors = [line for line in server.logs().splitlines() if "cannot load" in line]
-        assert len(errors) == 1 and "tiny:nope" in errors[0], server.logs()[-4000:]
+        assert ready.status_code == 503 and says in ready.text, ready.text
+        errors = [line for line in server.logs().splitlines() if "cannot load:" in line]
+        assert len(errors) == 1 and says in errors[0], server.logs()[-4000:]
     finally:
         server.stop()

@@ -119,6 +119,18 @@ class Assistant:
         return cls(cfg, registry=registry or Registry.load(),
                    template=TemplateBackend(curated=curated, max_words=cfg.max_words), llm=llm[cfg.backend]())
 
+    def warm(self) -> None:
+        """Load the backend's model now (a service is not ready before), or raise a one-line ConfigError: a first
+        request must not pay the load, nor every request quietly fall back to the template."""
+        if not hasattr(self.llm, "load"):
+            return
+        try:
+            self.llm.load()
+        except OSError as exc:
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(f"models.llm: {self.llm.ref!r} cannot be loaded ({why}); assistant.backend "
+                              f"{self.cfg.backend} needs it") from None
+
     def close(self) -> None:
         if hasattr(self.llm, "close"):
             self.llm.close()
