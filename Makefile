@@ -13,7 +13,7 @@ export BENTOML_DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TIPSEN_HOME ?= $(CURDIR)/.cache/tipsen
 
-.PHONY: venv lock demo paper test test-fast bench serve clean
+.PHONY: venv lock demo paper models test test-fast bench serve clean
 
 # Every install is the same one: the locked versions first, then tipsen itself on top without resolving again.
 $(STAMP): pyproject.toml requirements.lock
@@ -42,7 +42,12 @@ demo: venv
 # The paper's run: all 30 keywords on the paper profile (needs a GPU and the real weights).
 ALL_KEYWORDS := $(shell sed -n 's/^- {slug: \([a-z0-9_-]*\),.*/\1/p' data/keywords.yaml | paste -sd, -)
 paper: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" tipsen models fetch --profile paper
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp run -S profile=paper -S 'keywords=[$(ALL_KEYWORDS)]'
+
+# Download every Hub model of the active profile (TIPSEN_PROFILE, or params.yaml's), safetensors only.
+models: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" tipsen models fetch
 
 # Every test, as CI runs it; installs chromium for the browser tests first where it can.
 test: venv

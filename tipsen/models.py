@@ -401,12 +401,83 @@ def load_vision(ref: str, *, device: str = "auto"):
     return model.to(device).eval(), processor
 
 
+# ---------------------------------------------------------------- fetching a profile's models
+
+CLIP_FILES = {"include": ["open_clip_config.json", "open_clip_model.safetensors"], "exclude": []}
+TRANSFORMERS_FILES = {"include": ["*.json", "*.safetensors", "*.txt"], "exclude": ["*/*"]}  # DINO
+VAE_FILES = {"include": ["config.json", "*.safetensors"], "exclude": ["*/*", "*.fp16.safetensors"]}
+
+
+def references(params) -> list[tuple[str, str, dict[str, list[str]]]]:
+    """Every model the profile names that comes from the Hub: (params field, repository id, the files its loader
+    reads). tiny: references and local folders are left out; each repository is listed once."""
+    m, wanted = params.models, []
+    wanted.append(("models.base", m.base, PIPELINE_FILES))
+    wanted += [(f"eval.methods[{i}].base", e.base, PIPELINE_FILES) for i, e in enumerate(params.eval.methods)]
+    wanted.append(("models.clip", m.clip.removeprefix("hf-hub:") if m.clip.startswith("hf-hub:") else "",
+                   CLIP_FILES))
+    if m.dino:
+        wanted.append(("models.dino", m.dino, TRANSFORMERS_FILES))
+    if params.assistant.backend == "transformers":
+        wanted.append(("models.llm", m.llm, LLM_FILES))
+    if m.vae:
+        wanted.append(("models.vae", m.vae, VAE_FILES))
+    seen, out = set(), []
+    for field, ref, files in wanted:
+        repo = ref if ref and hub_id(ref) else None
+        if repo and repo.lower() not in seen:
+            seen.add(repo.lower())
+            out.append((field, repo, files))
+    return out
+
+
+def fetch(params, *, progress: bool = True) -> list[dict]:
+    """Download every Hub model of the profile (safetensors, configs and tokenizers only) into the Hugging Face
+    cache, where the loaders read them; report each one's revision, files and size. A gated repository without
+    access, or a repository that cannot be had, is a one-line ConfigError naming the field."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import disable_progress_bars
+
+    if not progress:
+        disable_progress_bars()
+    report = []
+    for field, repo, files in references(params):
+        try:
+            path = Path(snapshot_download(repo, allow_patterns=files["include"],
+                                          ignore_patterns=files["exclude"] or None))
+        except GatedRepoError:
+            raise ConfigError(f"{field}: {repo} is gated; accept its licence at https://huggingface.co/{repo} with "
+                              "your account, then set HF_TOKEN to a token of that account") from None
+        except RepositoryNotFoundError:
+            raise ConfigError(f"{field}: {repo} is not on the Hub (or is private: set HF_TOKEN)") from None
+        except LocalEntryNotFoundError:
+            raise ConfigError(f"{field}: {repo} is not in the local cache and the Hub cannot be reached (is "
+                              "HF_HUB_OFFLINE set?)") from None
+        weights = sorted(p for p in path.rglob("*") if p.is_file())
+        report.append({"field": field, "repo": repo, "revision": path.name, "files": len(weights),
+                       "bytes": sum(p.stat().st_size for p in weights), "path": str(path)})
+        log.info("%s: %s at %s, %d files, %.1f MB", field, repo, path.name[:12], len(weights),
+                 report[-1]["bytes"] / 1e6)
+    return report
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("refs", nargs="+", help="model references, e.g. tiny:sdxl tiny:clip")
+    parser.add_argument("refs", nargs="+", help="'fetch': download every Hub model the profile names (the base, each "
+                                                "evaluation method's base, CLIP, DINO, the LLM, a VAE); or model "
+                                                "references to build (tiny:*) and resolve, e.g. tiny:sdxl tiny:clip")
+    parser.add_argument("--no-progress", action="store_true", help="fetch: no download bars")
 
 
 def run(args) -> int:
-    """Build tiny models (if needed) and print where each reference resolves."""
+    """`fetch`: download the profile's models and print one JSON line per repository. Otherwise build tiny models
+    (if needed) and print where each reference resolves."""
+    if args.refs == ["fetch"]:
+        from tipsen.config import load_params
+
+        for row in fetch(load_params(args.params, profile=args.profile), progress=not args.no_progress):
+            print(json.dumps(row))
+        return 0
     for ref in args.refs:
         print(f"{ref}\t{resolve_ref(ref)}")
     return 0

@@ -6,13 +6,16 @@ repository's, a curated keyword folder. So is the harness that runs `tipsen serv
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -256,3 +259,69 @@ def a1111_png_info(text: str) -> tuple[str, str, dict[str, str]]:
             in_negative, line = True, line[len("Negative prompt:"):].strip()
         (negative if in_negative else prompt).append(line)
     return "\n".join(prompt), "\n".join(negative), {k: v for k, v in pair.findall(last)}
+
+
+# ---------------------------------------------------------------- a Hub on 127.0.0.1
+
+
+class Hub:
+    """Model repositories in the Hub's HTTP layout: model info, the recursive tree, and resolve/ for each file.
+
+    Every request is recorded, so a test can show that nothing was fetched."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]], *, gated: tuple[str, ...] = ()):
+        self.repos = {rid.lower(): files for rid, files in repos.items()}  # the Hub's ids are case-insensitive
+        self.gated = {rid.lower() for rid in gated}  # answered as a gated repository to a caller without access
+        self.sha = {rid: hashlib.sha1(json.dumps(sorted(f)).encode()).hexdigest() for rid, f in self.repos.items()}
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self._answer(body=False)
+
+            def do_GET(self):
+                self._answer(body=True)
+
+            def _answer(self, *, body: bool):
+                hub.requests.append(f"{self.command} {self.path}")
+                status, headers, data = hub.route(self.path.split("?")[0])
+                self.send_response(status)
+                for k, v in {**headers, "Content-Length": str(len(data))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def route(self, path: str) -> tuple[int, dict, bytes]:
+        for rid, files in self.repos.items():
+            sha = self.sha[rid]
+            if rid in self.gated and rid in path.lower():
+                return 403, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to this model is restricted",
+                             "Content-Type": "application/json"}, b'{"error": "gated"}'
+            if path.lower().startswith(f"/api/models/{rid}/revision/"):
+                info = {"id": rid, "modelId": rid, "sha": sha, "private": False, "gated": False, "tags": [],
+                        "siblings": [{"rfilename": name} for name in files]}
+                return 200, {"Content-Type": "application/json"}, json.dumps(info).encode()
+            if path.lower().startswith(f"/api/models/{rid}/tree/"):
+                tree = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                        for name, data in files.items()]
+                return 200, {"Content-Type": "application/json"}, json.dumps(tree).encode()
+            prefix = f"/{rid}/resolve/"
+            if path.lower().startswith(prefix):
+                name = path[len(prefix):].partition("/")[2]
+                if name in files:
+                    data = files[name]
+                    return 200, {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}, data
+        return 404, {"Content-Type": "application/json"}, b'{"error": "Repository not found"}'
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
