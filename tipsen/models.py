@@ -447,8 +447,8 @@ def fetch(params, *, progress: bool = True) -> list[dict]:
             path = Path(snapshot_download(repo, allow_patterns=files["include"],
                                           ignore_patterns=files["exclude"] or None))
         except GatedRepoError:
-            raise ConfigError(f"{field}: {repo} is gated; accept its licence at https://huggingface.co/{repo} with "
-                              "your account, then set HF_TOKEN to a token of that account") from None
+            raise ConfigError(f"{field}: {repo} is gated; accept its licence on its Hub page with your account, "
+                              "then set HF_TOKEN to a token of that account") from None
         except RepositoryNotFoundError:
             raise ConfigError(f"{field}: {repo} is not on the Hub (or is private: set HF_TOKEN)") from None
         except LocalEntryNotFoundError:
