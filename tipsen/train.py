@@ -234,7 +234,6 @@ class Trainer:
         file), its update rescaled to this run's alpha/rank so that the starting adapter draws what it drew."""
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
         from safetensors import SafetensorError
 
         what = f"--init-from {file.name}"
