@@ -52,12 +52,19 @@ def _copy_bank(lora_root: Path, tmp_path: Path, registry) -> Path:
     return tmp_path
 
 
-def test_all_adapters_resident_none_active(gen):
+def test_all_adapters_resident_in_the_store(gen):
+    """The bank is held by the store: stacked per layer, with no peft wrapper created for any adapter."""
     from tipsen.lora_batch import lora_layers
 
-    assert sorted(gen.status()["adapters"]) == sorted(SLUGS) and gen.available == sorted(SLUGS)
-    layers = lora_layers(gen.modules)
-    assert layers and all(sorted(layer.lora_A) == sorted(SLUGS) and layer.active_adapters == [] for layer in layers)
+    status = gen.status()
+    assert sorted(status["adapters"]) == sorted(SLUGS) and gen.available == sorted(SLUGS)
+    assert not lora_layers(gen.modules)
+    stacks = gen.store.version.stacks
+    assert stacks and all(sorted(s.slot) == sorted(SLUGS) for s in stacks.values())
+    for slug in SLUGS:
+        info = status["adapters"][slug]
+        assert info["path"] == "store" and info["modules"] == len(stacks) and info["bytes"] > 0
+        assert info["sha256"] == gen.entries[slug].sha256
 
 
 def test_routing(gen):
@@ -71,13 +78,19 @@ def test_routing(gen):
         "slug": None, "matched": None, "source": "none", "confidence": 0.0, "evidence": [], "also": [], "ask": [],
         "settled": None}
     plan = gen.resolve({"prompt": "김장 하던 날, 세종대왕 동상 앞에서", "assist": False})
-    assert plan.route.slug == "gimjang" and "also recognised: sejong; only gimjang is drawn" in plan.warnings
+    assert plan.route.slug == "gimjang" and plan.adapters == ("gimjang",)  # sejong has no adapter in this bank
+    assert plan.warnings == ("no LoRA for sejong (not in the bank); drawn without it",)
+    two = gen.resolve({"prompt": "김장 하던 날 약과를 먹었다", "assist": False})
+    assert two.adapters == ("gimjang", "yakgwa") and two.warnings == ()  # routed together, drawn together
 
 
 def test_keywords_chosen_by_the_caller(gen):
     both = gen.resolve({"prompt": "어릴 적 김장하던 날", "keywords": ["yakgwa", "gimjang"], "assist": False})
-    assert (both.adapter, both.route.source, both.route.slugs) == ("yakgwa", "explicit", ("yakgwa", "gimjang"))
-    assert "also chosen: gimjang; only yakgwa is drawn" in both.warnings
+    assert (both.adapters, both.route.source, both.route.slugs) == (("yakgwa", "gimjang"), "explicit",
+                                                                     ("yakgwa", "gimjang"))
+    assert both.warnings == () and both.scales == (0.7, 0.7)
+    own = gen.resolve({"prompt": "grandma's kitchen", "keywords": ["yakgwa", "gimjang"], "lora_scale": [1.0, 0.4]})
+    assert own.scales == (1.0, 0.4) and own.prompt == "A photo of Yakgwa Food and Gimjang Tradition, grandma's kitchen"
     assert both.prompt.startswith("A photo of Yakgwa Food, a deep-fried") and "; A photo of Gimjang" in both.prompt
     english = gen.resolve({"prompt": "a bowl of soup", "keywords": [], "assist": False})  # every one taken back
     assert (english.adapter, english.route.slug, english.route.source, english.prompt) == \
@@ -90,7 +103,11 @@ def test_keywords_chosen_by_the_caller(gen):
 
 @pytest.mark.parametrize("change, message", [
     ({"keywords": ["gimjang", "gimjang"]}, "keywords: gimjang, gimjang names a keyword twice"),
-    ({"keywords": ["gimjang", "yakgwa", "hanok", "sebae"]}, "keywords: 4 keywords; allowed: at most 3"),
+    ({"keywords": ["gimjang", "yakgwa", "hanok"]}, "keywords: 3 keywords; allowed: at most 2"),
+    ({"keywords": ["gimjang", "sebae"]}, "keywords: 'sebae' is not in the bank"),
+    ({"keywords": ["gimjang", "yakgwa"], "lora_scale": [1.0]}, "lora_scale: 1 scales for 2 chosen keywords"),
+    ({"lora_scale": [1.0, 0.5]}, "lora_scale: 2 scales for 0 chosen keywords"),
+    ({"keywords": ["gimjang", "yakgwa"], "lora_scale": [1.0, 3.0]}, "lora_scale.1: Input should be less than"),
     ({"keywords": ["gimjang"], "keyword": "gimjang"}, "keywords: send either keyword or keywords"),
     ({"keywords": ["gimjang", "charye"]}, "keywords: 'charye' is not in the bank"),
     ({"keywords": ["pyramid"]}, "keywords: unknown keyword 'pyramid'"),
@@ -152,33 +169,88 @@ def test_mixed_batch_matches_each_request_alone(gen, monkeypatch):
     assert _differ(mixed[0].images[0], mixed[4].images[0]) > 1.0  # each request's own LoRA scale is honoured
 
 
-def test_gathered_lora_equals_peft_mixed_batch(gen):
-    """The gathered path (two batched products per layer) against peft's own mixed-batch forward, on the UNet."""
+def _peft_unet(lora_root: Path, slugs):
+    """tiny:sdxl's UNet with `slugs` loaded the stock way (peft layers, one named adapter each)."""
+    from diffusers import UNet2DConditionModel
+
+    from tipsen.bank import WEIGHTS_NAME
+    from tipsen.models import resolve_ref
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
+    for slug in slugs:
+        unet.load_lora_adapter(str(lora_root / "loras" / slug / WEIGHTS_NAME), prefix="unet", adapter_name=slug)
+    return unet
+
+
+def _unet_inputs(cfg, rows: int):
     import torch
 
-    from tipsen.lora_batch import gatherable, lora_layers, per_sample
-
-    unet, cfg = gen.pipe.unet, gen.pipe.unet.config
-    names, scales = ["gimjang", None, "yakgwa", "gimjang", "hanok"], [0.7, 0.0, 1.0, 1.5, 0.4]
-    assert all(gatherable(layer, set(SLUGS)) for layer in lora_layers([unet]))
     g = torch.Generator().manual_seed(0)
-    rows = 2 * len(names)  # classifier-free guidance: each sample twice
     x = torch.randn(rows, cfg.in_channels, 8, 8, generator=g)
     ctx = torch.randn(rows, 77, cfg.cross_attention_dim, generator=g)
     pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    extra = {"text_embeds": torch.randn(rows, pooled, generator=g), "time_ids": torch.rand(rows, 6, generator=g)}
+    return x, ctx, {"text_embeds": torch.randn(rows, pooled, generator=g), "time_ids": torch.rand(rows, 6, generator=g)}
 
-    def run(**kw):
-        with torch.no_grad(), per_sample([unet], names, scales, **kw):
-            return unet(x, 500, ctx, added_cond_kwargs=extra).sample
 
+def test_store_equals_peft_mixed_batch(gen, lora_root):
+    """The store's stacked rows (one, two or no adapters each) against peft's own forward on a stock-loaded UNet:
+    peft's mixed batch for one adapter per row, and both adapters active at their scales for a two-adapter row."""
+    import torch
+
+    from tipsen.lora_batch import per_sample
+
+    peft_unet = _peft_unet(lora_root, SLUGS)
+    names, scales = ["gimjang", None, "yakgwa", "gimjang", "hanok"], [0.7, 0.0, 1.0, 1.5, 0.4]
+    rows = 2 * len(names)  # classifier-free guidance: each sample twice
+    x, ctx, extra = _unet_inputs(peft_unet.config, rows)
     with torch.no_grad():
-        base = unet(x, 500, ctx, added_cond_kwargs=extra).sample
-    gathered, peft_mixed = run(), run(gather=False)
-    assert torch.allclose(gathered, peft_mixed, atol=1e-5, rtol=1e-4)
-    lora_effect = (peft_mixed - base).abs().amax(dim=(1, 2, 3))
+        base = gen.pipe.unet(x, 500, ctx, added_cond_kwargs=extra).sample
+        with per_sample([peft_unet], names, scales, gather=False):
+            peft_mixed = peft_unet(x, 500, ctx, added_cond_kwargs=extra).sample
+        with gen.store.batch([(n,) if n else () for n in names], [(s,) for s in scales]):
+            stored = gen.pipe.unet(x, 500, ctx, added_cond_kwargs=extra).sample
+    assert torch.allclose(stored, peft_mixed, atol=1e-5, rtol=1e-4)
+    lora_effect = (stored - base).abs().amax(dim=(1, 2, 3))
     assert torch.all(lora_effect[[0, 2, 3, 4, 5, 7, 8, 9]] > 1e-3)  # every LoRA row really moved...
-    assert torch.equal(gathered[[1, 6]], base[[1, 6]])  # ...and the base-model rows did not
+    assert torch.equal(stored[[1, 6]], base[[1, 6]])  # ...and the base-model rows did not
+
+    x, ctx, extra = _unet_inputs(peft_unet.config, 2)
+    peft_unet.set_adapters(["gimjang", "yakgwa"], [0.7, 1.2])  # stock diffusers: both adapters on every row
+    with torch.no_grad():
+        both = peft_unet(x, 500, ctx, added_cond_kwargs=extra).sample
+        with gen.store.batch([("gimjang", "yakgwa")], [(0.7, 1.2)]):
+            stored = gen.pipe.unet(x, 500, ctx, added_cond_kwargs=extra).sample
+    assert torch.allclose(stored, both, atol=1e-5, rtol=1e-4)
+
+
+def test_two_keywords_in_one_picture_match_stock_diffusers(gen, demo_params, lora_root):
+    """A two-adapter request drawn by the store equals stock diffusers' `set_adapters([a, b], [s_a, s_b])` on the
+    same prompt and seed, to rounding; and a batch mixing two-, one- and zero-adapter rows equals each alone."""
+    import torch
+
+    from tipsen.models import load_base
+
+    req = {"prompt": "grandma's kitchen", "keywords": ["gimjang", "yakgwa"], "lora_scale": [0.7, 1.2], "seed": 5,
+           "steps": STEPS, "guidance": 5.0}
+    ours = gen.generate(req)
+    assert [(a["slug"], a["scale"]) for a in ours.metadata["adapters"]] == [("gimjang", 0.7), ("yakgwa", 1.2)]
+    assert ours.metadata["adapters"][1]["sha256"] == gen.entries["yakgwa"].sha256
+    pipe = load_base(demo_params)
+    for slug in ("gimjang", "yakgwa"):
+        pipe.load_lora_weights(str(lora_root / "loras" / slug), adapter_name=slug, use_safetensors=True)
+    pipe.set_adapters(["gimjang", "yakgwa"], [0.7, 1.2])
+    out = pipe(prompt=[ours.metadata["prompt"]], negative_prompt=None, num_inference_steps=STEPS, guidance_scale=5.0,
+               width=64, height=64, generator=[torch.Generator("cpu").manual_seed(5)], output_type="np")
+    assert _same(ours.images[0], pipe.numpy_to_pil(out.images)[0])
+    one = gen.generate({**req, "keywords": ["gimjang"], "lora_scale": [0.7]})
+    assert _differ(ours.images[0], one.images[0]) > 1.0  # the second adapter really draws
+
+    reqs = [req, {**req, "keywords": ["hanok"], "lora_scale": 0.4, "seed": 6},
+            {**req, "keywords": [], "lora_scale": None, "seed": 7}, {**req, "keywords": ["yakgwa", "hanok"]}]
+    mixed = gen.generate_batch(reqs)
+    assert [len(r.metadata["adapters"]) for r in mixed] == [2, 1, 0, 2]
+    for r, result in zip(reqs, mixed):
+        assert _same(result.images[0], gen.generate(r).images[0]), r
 
 
 def test_different_adapters_give_different_images(gen):
@@ -352,9 +424,10 @@ def test_plans_are_resolved_once_and_rendered_as_given(gen, demo_params, registr
     assert gen.render([bare])[0].metadata["prompt"] == "A photo of Gimjang Tradition"
     assert not _same(gen.render([bare])[0].images[0], rendered.images[0])
     with pytest.raises(ValueError, match="not resolved for this generator"):
-        gen.render([dataclasses.replace(plan, adapter="sebae")])  # not in this bank
+        gen.render([dataclasses.replace(plan, adapters=("sebae",))])  # not in this bank
     plain = Generator(demo_params, bank=None, registry=registry)  # no bank: no adapters, none loaded
-    assert plain.status()["adapters"] == {} and plain.status()["bank"] == {"path": None, "error": None, "refused": {}}
+    assert plain.status()["adapters"] == {} and plain.status()["bank"] == {
+        "path": None, "error": None, "refused": {}, "version": 1, "load_s": 0.0, "resident_bytes": 0}
     assert plain.resolve({"prompt": "김장", "steps": STEPS}).adapter is None
     with pytest.raises(ConfigError, match=r"^keyword: 'gimjang' has no adapter: no bank is loaded"):
         plain.resolve({"prompt": "김장", "keyword": "gimjang"})
@@ -507,7 +580,7 @@ def test_sd1_base_generates_through_the_same_generator(demo_params, lora_root, r
     gen = Generator(demo_params, base="tiny:sd", bank=lora_root / "bank.json", registry=registry)
     status = gen.status()
     assert status["pipeline"] == "StableDiffusionPipeline"
-    assert all(not a["available"] and a["reason"].startswith("load failed") for a in status["adapters"].values())
+    assert all(not a["available"] and "another base model" in a["reason"] for a in status["adapters"].values())
     a = gen.generate({"prompt": "김장", "seed": 2, "steps": STEPS})
     b = gen.generate({"prompt": "김장", "seed": 2, "steps": STEPS})
     assert a.images[0].size == (64, 64) and a.metadata["model"] == "tiny:sd" and a.metadata["adapter"] is None

@@ -141,7 +141,7 @@ class GenerateParams(Section):
     max_prompt_chars: int = Field(1000, ge=1)
     negative_prompt: str = ""
     fuse_lora: bool = False  # only for single-keyword workloads
-    max_keywords: int = Field(3, ge=1, le=8)  # keywords routing returns; the first is drawn, the others reported
+    max_keywords: int = Field(2, ge=1, le=8)  # keywords routing returns and one picture draws together
 
 
 class OpenAIParams(Section):

@@ -1,9 +1,13 @@
 """The user-error type and the one formatter of pydantic errors: one line naming the field and what is allowed."""
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable, Mapping
 
 from pydantic import ValidationError
+
+
+_UNION_TAG = re.compile(r"[-\[]")  # pydantic's name of a union member in an error's location: constrained-float
 
 
 class ConfigError(ValueError):
@@ -28,7 +32,7 @@ def describe(err: Mapping[str, Any], *, prefix: str = "", allowed: Iterable[str]
     an unknown one (in the order given), called a `unknown` ("key" in params, "field" in a request);
     `show_input` False leaves the offending value out (a service echoes no user text).
     """
-    loc_parts = [str(p) for p in err.get("loc", ())]
+    loc_parts = [str(p) for p in err.get("loc", ()) if not _UNION_TAG.search(str(p))]
     parts = [p for p in loc_parts if p not in set(skip)] or loc_parts
     loc = ".".join(parts)
     if prefix == "--":  # a command-line flag: --lora-scale
@@ -43,8 +47,15 @@ def describe(err: Mapping[str, Any], *, prefix: str = "", allowed: Iterable[str]
 
 
 def first_error(exc: ValidationError, **kw: Any) -> str:
-    """The first error of a ValidationError, formatted by `describe`."""
-    return describe(exc.errors()[0], **kw)
+    """The first error of a ValidationError, formatted by `describe`. For a field of several types (a number or a
+    list of numbers) pydantic reports one error per type; the one about the value, not its type, is told."""
+    errors = exc.errors()
+    first = errors[0]
+    if any(_UNION_TAG.search(str(p)) for p in first.get("loc", ())):
+        same = [e for e in errors if [p for p in e["loc"] if not _UNION_TAG.search(str(p))][:1] ==
+                [p for p in first["loc"] if not _UNION_TAG.search(str(p))][:1]]
+        first = next((e for e in same if not str(e.get("type", "")).endswith("_type")), first)
+    return describe(first, **kw)
 
 
 def require(module: str, extra: str, *, what: str) -> None:

@@ -183,7 +183,7 @@ def protocol_plans(run: Run, todo: list[tuple[str, int, Path, dict]], generator,
     refined = assistant.refine_batch(template, keywords=[t[0] for t in todo], seeds=[t[1] for t in todo]) \
         if m.assist else [None] * len(todo)
     return [Plan(prompt=r.prompt if r else words, seed=seed, steps=s["steps"], guidance=s["guidance"], width=width,
-                 height=height, adapter=generator.adapter_for(slug, field=f"{m.name}: LoRA") if m.lora else None,
+                 height=height, adapters=(generator.adapter_for(slug, field=f"{m.name}: LoRA"),) if m.lora else (),
                  lora_scale=s["lora_scale"] if m.lora else 0.0, negative_prompt=params.generate.negative_prompt,
                  input=words, route=Route(slug, slug, "explicit"), assist=m.assist,
                  refined=r.model_dump() if r else None)

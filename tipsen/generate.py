@@ -62,7 +62,9 @@ class PictureRequest(BaseModel):
     seed: Seed | None = None  # None: drawn at random and reported
     steps: Steps | None = None
     guidance: Guidance | None = None
-    lora_scale: LoraScale | None = None
+    # every drawn adapter's scale, or one scale per keyword in the order of `keywords` (then routed ones take the
+    # default); None: generate.lora_scale
+    lora_scale: LoraScale | list[LoraScale] | None = None
     width: Size | None = None
     height: Size | None = None
     assist: bool = False  # rewrite the prompt with the Senior Prompting Assistant
@@ -85,8 +87,9 @@ class Plan:
     guidance: float
     width: int
     height: int
-    adapter: str | None = None  # a loaded bank slug; None: the base model alone
-    lora_scale: float = 0.0  # applied only with an adapter
+    adapters: tuple[str, ...] = ()  # loaded bank slugs, drawn together; (): the base model alone
+    lora_scale: float = 0.0  # each adapter's scale, unless `lora_scales` gives them one by one
+    lora_scales: tuple[float, ...] = ()  # per adapter, for a request that gave a list
     negative_prompt: str = ""
     sampler: str | None = None  # a SAMPLERS name; None: the model's own scheduler
     num_images: int = 1
@@ -98,6 +101,15 @@ class Plan:
     refine_s: float = 0.0
     notes: tuple[str, ...] = ()  # warnings about the request itself
     warnings: tuple[str, ...] = ()  # the notes, then those about its route
+
+    @property
+    def adapter(self) -> str | None:  # the first (main) adapter
+        return self.adapters[0] if self.adapters else None
+
+    @property
+    def scales(self) -> tuple[float, ...]:  # one per adapter
+        return tuple(self.lora_scales[i] if i < len(self.lora_scales) else self.lora_scale
+                     for i in range(len(self.adapters)))
 
     @property
     def key(self) -> tuple:  # plans with equal keys share one diffusion batch
@@ -127,9 +139,9 @@ class Generator:
                  assistant=None, registry: Registry | None = None, pipe=None):
         """`bank`: the bank index whose adapters are loaded; None: no adapters, the base model alone.
         `pipe`: an already loaded pipeline instead of `base` (the full-size check builds SDXL at random)."""
-        from tipsen.bank import Bank
-        from tipsen.lora_batch import components, load_adapters
+        from tipsen.lora_batch import components
         from tipsen.models import load_base
+        from tipsen.store import BankStore
 
         self.cfg = params.generate
         self.base = base or params.models.base
@@ -140,35 +152,84 @@ class Generator:
         sample = self.pipe.unet.config.sample_size
         self.native = (sample if isinstance(sample, int) else sample[0]) * self.pipe.vae_scale_factor
         self.scheduler = self.pipe.scheduler  # the model's own; a request's sampler replaces it for its batch
-        self.bank_path, self.bank_error, self.entries, self.reasons = Path(bank) if bank else None, None, {}, {}
-        self.refused: dict[str, str] = {}
-        if bank is not None:
-            try:
-                index = Bank(self.bank_path)
-            except ConfigError as exc:  # no bank yet: the base model still serves, and status() says why
-                self.bank_error = str(exc)
-                log.warning("%s; generating with the base model only", exc)
-            else:  # a refused index entry costs only its own keyword, reported like an unloadable adapter
-                self.entries, self.refused = index.entries, index.invalid
-                self.reasons = {**{s: f"refused by the index: {r}" for s, r in index.invalid.items()
-                                   if s in self.registry.keywords},
-                                **load_adapters(self.pipe, index, set(self.registry.keywords))}
-        self.available = sorted(slug for slug, reason in self.reasons.items() if reason is None)
+        self.bank_path = Path(bank) if bank else None
+        self.store = BankStore(self.pipe, known=set(self.registry.keywords), base=self.base)
         self._fused: tuple[str, float] | None = None
-        self._lock = threading.Lock()  # one pipeline: diffusion batches run one at a time
-        log.info("generator ready: %s, %d/%d adapters", self.base, len(self.available), len(self.reasons))
+        self._lock = threading.Lock()  # one pipeline: diffusion batches run one at a time, and swaps between them
+        self.store.load(*self._index())
+        v = self.store.version
+        log.info("generator ready: %s, %d/%d adapters in %.1f s", self.base, len(v.adapters), len(v.reasons),
+                 v.loaded_s)
+
+    def _index(self):
+        """The bank index and, when it cannot be read, why (the base model then serves alone)."""
+        from tipsen.bank import Bank
+
+        if self.bank_path is None:
+            return None, None
+        try:
+            return Bank(self.bank_path), None
+        except ConfigError as exc:  # no bank yet: the base model still serves, and status() says why
+            log.warning("%s; generating with the base model only", exc)
+            return None, str(exc)
+
+    def reload(self) -> dict:
+        """Re-read the bank index: new and changed adapters are read and verified beside the serving ones, then
+        swapped in between two diffusion batches. A changed adapter whose new file is refused keeps its serving
+        version. Raises RuntimeError while another reload runs."""
+        from tipsen.store import describe
+
+        t0 = time.perf_counter()
+        old = self.store.version
+        new = self.store.prepare(*self._index())
+        with self._lock:  # no batch is drawing: the next one starts on the new version
+            if self._fused:
+                self.store.unfuse()
+                self._fused = None
+            self.store.swap(new)
+        before, after = describe(old), describe(new)
+        changes = {
+            "added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+            "changed": sorted(s for s in set(after) & set(before) if after[s]["sha256"] != before[s]["sha256"]),
+            "kept": sorted(s for s, r in new.reasons.items() if r and s in new.adapters),
+            "unavailable": {s: r for s, r in new.reasons.items() if r and s not in new.adapters},
+        }
+        log.info("bank reloaded (version %d) in %.2f s: %s", new.number, time.perf_counter() - t0,
+                 {k: v for k, v in changes.items() if v})
+        return {"version": new.number, "seconds": round(time.perf_counter() - t0, 3), **changes}
+
+    @property
+    def available(self) -> list[str]:
+        return self.store.version.available
+
+    @property
+    def reasons(self) -> dict[str, str | None]:
+        return self.store.version.reasons
+
+    @property
+    def entries(self) -> dict:
+        return self.store.version.entries
+
+    @property
+    def bank_error(self) -> str | None:
+        return self.store.version.bank_error
 
     def status(self) -> dict:
+        from tipsen.store import describe
+
+        v = self.store.version
+        loaded = describe(v)
         return {
             "base_model": self.base, "pipeline": type(self.pipe).__name__, "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "native_size": self.native,
-            "bank": {"path": str(self.bank_path) if self.bank_path else None, "error": self.bank_error,
-                     "refused": self.refused},
+            "bank": {"path": str(self.bank_path) if self.bank_path else None, "error": v.bank_error,
+                     "refused": v.refused, "version": v.number, "load_s": round(v.loaded_s, 3),
+                     "resident_bytes": v.nbytes()},
             "fuse_lora": self.cfg.fuse_lora, "fused": self._fused[0] if self._fused else None,
-            "adapters": {slug: {"available": reason is None, "reason": reason,
-                                **{k: getattr(self.entries.get(slug) or self.registry[slug], k)
-                                   for k in ("keyword", "ko", "class_token")}}
-                         for slug, reason in self.reasons.items()},
+            "adapters": {slug: {"available": slug in v.adapters, "reason": reason,
+                                **{k: getattr(v.entries.get(slug) or self.registry[slug], k)
+                                   for k in ("keyword", "ko", "class_token")}, **loaded.get(slug, {})}
+                         for slug, reason in v.reasons.items()},
         }
 
     def route(self, text: str, keyword: str | list[str] | None = None) -> Route:
@@ -193,7 +254,32 @@ class Generator:
                 self.adapter_for(slug, field=field)
             else:
                 self.registry.get(slug, field=field)
+        if req.use_lora and (dropped := self._drawable(chosen)[1]):
+            raise ConfigError(f"{field}: {', '.join(dropped)} cannot be drawn together with "
+                              f"{self._drawable(chosen)[0][-1]}: each goes through peft's path (one per picture); "
+                              "allowed: one of them")
         return chosen
+
+    def _drawable(self, slugs) -> tuple[list[str], list[str]]:
+        """`slugs` split into those one picture can draw together and the rest: every store adapter, and at most
+        one adapter that goes through peft's path (tipsen.store)."""
+        from tipsen.store import PEFT
+
+        adapters, kept, dropped, peft = self.store.version.adapters, [], [], False
+        for slug in slugs:
+            is_peft = adapters[slug].path == PEFT
+            (dropped if is_peft and peft else kept).append(slug)
+            peft = peft or is_peft
+        return kept, dropped
+
+    def _scales(self, req: GenerationRequest, chosen: list[str] | None) -> tuple[float, tuple[float, ...]]:
+        """The request's LoRA scale and, for a list, the scale of each chosen keyword."""
+        if not isinstance(req.lora_scale, list):
+            return (self.cfg.lora_scale if req.lora_scale is None else req.lora_scale), ()
+        if not chosen or len(req.lora_scale) != len(chosen):
+            raise ConfigError(f"lora_scale: {len(req.lora_scale)} scales for {len(chosen or [])} chosen keywords; "
+                              "allowed: one number, or one per keyword in `keywords`")
+        return self.cfg.lora_scale, tuple(req.lora_scale)
 
     def size(self, width: int | None, height: int | None) -> tuple[int, int]:
         """The picture size: the given one, else generate.width/height, else the model's native size; checked."""
@@ -248,7 +334,8 @@ class Generator:
         chosen = self.chosen(req)
         if req.assist and self.assistant is None:
             raise ConfigError("assist: no prompting assistant is loaded here; send assist: false")
-        adapter = chosen[0] if chosen and req.use_lora else None
+        adapters = tuple(chosen) if chosen and req.use_lora else ()
+        lora_scale, lora_scales = self._scales(req, chosen)
         width, height = self.size(req.width, req.height)
         negative = cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt.strip()
         if len(negative) > cfg.max_prompt_chars:
@@ -259,8 +346,7 @@ class Generator:
         route = self.route(words, chosen)
         plan = Plan(prompt=words, seed=draw_seed() if req.seed is None else req.seed,
                     steps=req.steps or cfg.steps, guidance=cfg.guidance if req.guidance is None else req.guidance,
-                    width=width, height=height, adapter=adapter,
-                    lora_scale=cfg.lora_scale if req.lora_scale is None else req.lora_scale,
+                    width=width, height=height, adapters=adapters, lora_scale=lora_scale, lora_scales=lora_scales,
                     negative_prompt=negative, sampler=req.sampler, num_images=req.num_images, input=words,
                     use_lora=req.use_lora,
                     assist=req.assist, notes=tuple(notes))
@@ -270,22 +356,26 @@ class Generator:
     def _routed(self, plan: Plan, route: Route) -> Plan:
         """`plan` drawn as `route` says: its adapter, its prompt (with the assistant off) and the route's warnings.
         A routed keyword without a usable adapter is drawn by the base model, and the reason is a warning."""
-        notes, adapter = list(plan.notes), plan.adapter
+        notes, adapters = list(plan.notes), plan.adapters
         if route.source != "explicit":
-            adapter = route.slug if plan.use_lora and route.slug in self.available else None
-            if plan.use_lora and route.slug and adapter is None:
-                why = self.reasons.get(route.slug) or self.bank_error or "not in the bank"
-                notes.append(f"no LoRA for {route.slug} ({why}); the base model is used")
-        if route.also:  # one adapter per picture until the bank draws several together
-            how = "chosen" if route.source == "explicit" else "recognised"
-            notes.append(f"also {how}: {', '.join(route.also)}; only {route.slug} is drawn")
+            adapters = tuple(s for s in route.slugs if plan.use_lora and s in self.available)
+            for slug in route.slugs if plan.use_lora else ():
+                if slug not in adapters:
+                    why = self.reasons.get(slug) or self.bank_error or "not in the bank"
+                    notes.append(f"no LoRA for {slug} ({why}); " + ("the base model is used" if not adapters
+                                                                   else "drawn without it"))
+            adapters, dropped = self._drawable(adapters)
+            if dropped:
+                notes.append(f"also recognised: {', '.join(dropped)}; not drawn with {adapters[-1]} (each goes "
+                             "through peft's path, one per picture)")
+            adapters = tuple(adapters)
         if route.ask:
             notes.append(f"perhaps {', '.join(route.ask)}: not drawn without a clearer mention")
         if route.settled and route.settled["error"]:
             notes.append(f"the route was not settled by {route.settled['by']} ({route.settled['error']}); "
                          "the rules' route is used")
         prompt = plan.input if plan.assist else self._with_keyword(plan.input, route)
-        return dataclasses.replace(plan, route=route, adapter=adapter, prompt=prompt, warnings=tuple(notes))
+        return dataclasses.replace(plan, route=route, adapters=adapters, prompt=prompt, warnings=tuple(notes))
 
     def refine(self, plans: list[Plan]) -> list[Plan]:
         """The assistant's work for every plan that asks for it and has none yet, in one batched call each: an
@@ -320,10 +410,13 @@ class Generator:
             return "; ".join(f"{self.registry[s].prompt}, {self.registry[s].description}" for s in route.slugs)
         if route.slug is None:
             return words
-        kw, have = self.registry[route.slug], normalize(words)
-        if normalize(kw.keyword) in have and normalize(kw.class_token) in have:
+        have = normalize(words)
+        named = [self.registry[s] for s in route.slugs]
+        if all(normalize(kw.keyword) in have and normalize(kw.class_token) in have for kw in named):
             return words
-        return f"{kw.prompt}, {words}"
+        if len(named) == 1:
+            return f"{named[0].prompt}, {words}"
+        return f"A photo of {' and '.join(f'{kw.keyword} {kw.class_token}' for kw in named)}, {words}"
 
     def generate(self, req: GenerationRequest | dict) -> GenerationResult:
         return self.generate_batch([req])[0]
@@ -336,14 +429,16 @@ class Generator:
         """One diffusion batch per (steps, size, guidance), at most generate.max_batch_size images each."""
         t0 = time.perf_counter()
         for p in plans:  # a plan names only what this generator holds: anything else is a caller's bug
-            if (p.adapter is not None and p.adapter not in self.available) or (p.assist and p.refined is None):
+            if any(a not in self.store.seen for a in p.adapters) or (p.assist and p.refined is None):
                 raise ValueError(f"render: plan for {p.adapter or p.input!r} is not resolved for this generator "
-                                 f"(adapter {p.adapter!r}, assist {p.assist}, refined {p.refined is not None})")
-        groups: dict[tuple, list[tuple[int, int]]] = {}
-        for i, plan in enumerate(plans):
-            groups.setdefault(plan.key, []).extend((i, j) for j in range(plan.num_images))
+                                 f"(adapters {p.adapters!r}, assist {p.assist}, refined {p.refined is not None})")
         images, diffusion, done = {}, [0.0] * len(plans), [0.0] * len(plans)
-        with self._lock:
+        with self._lock:  # the bank version is fixed from here to the last image: a reload swaps between renders
+            version = self.store.version
+            plans = [self._still_loaded(p, version) for p in plans]
+            groups: dict[tuple, list[tuple[int, int]]] = {}
+            for i, plan in enumerate(plans):
+                groups.setdefault(plan.key, []).extend((i, j) for j in range(plan.num_images))
             for key, jobs in groups.items():
                 for k in range(0, len(jobs), self.cfg.max_batch_size):
                     chunk = jobs[k:k + self.cfg.max_batch_size]
@@ -353,29 +448,40 @@ class Generator:
                     for i in {i for i, _ in chunk}:
                         diffusion[i] += time.perf_counter() - t
                         done[i] = time.perf_counter() - t0
-        return [GenerationResult([images[i, j] for j in range(p.num_images)], self._metadata(p, {
+        return [GenerationResult([images[i, j] for j in range(p.num_images)], self._metadata(p, version, {
             "queue": done[i] - diffusion[i], "refine": p.refine_s, "diffusion": diffusion[i],
             "total": done[i] + p.refine_s})) for i, p in enumerate(plans)]
+
+    def _still_loaded(self, plan: Plan, version) -> Plan:
+        """`plan` without the adapters a bank reload took out after it was resolved, each with a warning."""
+        gone = [a for a in plan.adapters if a not in version.adapters]
+        if not gone:
+            return plan
+        keep = [i for i, a in enumerate(plan.adapters) if a in version.adapters]
+        notes = [f"no LoRA for {a} (a bank reload took it out before drawing: {version.reasons.get(a) or 'no longer in the index'}); "
+                 "drawn without it" for a in gone]
+        return dataclasses.replace(plan, adapters=tuple(plan.adapters[i] for i in keep),
+                                   lora_scales=tuple(plan.scales[i] for i in keep) if plan.lora_scales else (),
+                                   warnings=plan.warnings + tuple(notes))
 
     def _diffuse(self, key: tuple, jobs: list[tuple[Plan, int]]) -> list:
         import torch
 
-        from tipsen.lora_batch import fuse, per_sample, unfuse
-
         steps, width, height, guidance, sampler = key
-        names = [p.adapter for p, _ in jobs]
-        scales = [p.lora_scale if p.adapter else 0.0 for p, _ in jobs]
-        if self.cfg.fuse_lora and names[0] and len(set(zip(names, scales))) == 1:
-            if self._fused != (names[0], scales[0]):  # fused weights serve only the one keyword they hold
-                unfuse(self.modules)
-                fuse(self.modules, names[0], scales[0])
-                self._fused = (names[0], scales[0])
+        names = [p.adapters for p, _ in jobs]
+        scales = [p.scales for p, _ in jobs]
+        one = names[0][0] if len(names[0]) == 1 else None
+        if self.cfg.fuse_lora and one and len(set(zip(names, scales))) == 1:
+            if self._fused != (one, scales[0][0]):  # fused weights serve only the one keyword they hold
+                self.store.unfuse()
+                self.store.fuse(one, scales[0][0])
+                self._fused = (one, scales[0][0])
             hooks = nullcontext()
         else:
             if self._fused:
-                unfuse(self.modules)
+                self.store.unfuse()
                 self._fused = None
-            hooks = per_sample(self.modules, names, scales)
+            hooks = self.store.batch(names, scales)
         # One CPU generator per image: its noise is the same alone or in any batch, on any device.
         generators = [torch.Generator("cpu").manual_seed(p.seed + j) for p, j in jobs]
         negative = [p.negative_prompt for p, _ in jobs] if any(p.negative_prompt for p, _ in jobs) else None
@@ -402,14 +508,17 @@ class Generator:
         """The sampler as AUTOMATIC1111 names it, or the model's own scheduler's class."""
         return SAMPLERS[sampler][2] if sampler else type(self.scheduler).__name__
 
-    def _metadata(self, p: Plan, timings: dict[str, float]) -> dict[str, Any]:
+    def _metadata(self, p: Plan, version, timings: dict[str, float]) -> dict[str, Any]:
         return {
             "keyword": p.route.slug, "route": p.route.as_dict(), "input": p.input, "prompt": p.prompt,
             "refined": p.refined, "seed": p.seed, "steps": p.steps, "guidance": p.guidance,
             "negative_prompt": p.negative_prompt, "sampler": p.sampler, "sampler_name": self.sampler_name(p.sampler),
-            "lora_scale": p.lora_scale if p.adapter else None, "width": p.width, "height": p.height,
+            "lora_scale": p.scales[0] if p.adapter else None, "width": p.width, "height": p.height,
             "num_images": p.num_images, "model": self.base, "adapter": p.adapter,
-            "adapter_sha256": self.entries[p.adapter].sha256 if p.adapter else None,  # the exact weights drawn
+            "adapter_sha256": version.adapters[p.adapter].sha256 if p.adapter else None,  # the exact weights drawn
+            "adapters": [{"slug": a, "scale": s, "sha256": version.adapters[a].sha256}  # every one drawn, in order
+                         for a, s in zip(p.adapters, p.scales)],
+            "bank_version": version.number,
             "timings": {k: round(max(v, 0.0), 4) for k, v in timings.items()}, "warnings": list(p.warnings),
         }
 
@@ -422,8 +531,9 @@ def parameters_text(metadata: dict, index: int = 0) -> str:
     m = metadata
     pairs = {"Steps": m["steps"], "Sampler": m["sampler_name"], "CFG scale": m["guidance"], "Seed": m["seed"] + index,
              "Size": f"{m['width']}x{m['height']}", "Model": m["model"]}
-    if m.get("adapter"):
-        pairs["Lora hashes"] = f'"{m["adapter"]}: {m["adapter_sha256"][:12]}"'  # A1111 quotes the list
+    drawn = m.get("adapters") or ([{"slug": m["adapter"], "sha256": m["adapter_sha256"]}] if m.get("adapter") else [])
+    if drawn:  # A1111 quotes the list
+        pairs["Lora hashes"] = '"' + ", ".join(f'{a["slug"]}: {a["sha256"][:12]}' for a in drawn) + '"'
     pairs["Version"] = f"tipsen {__version__}"
     one_line = lambda text: " ".join(str(text).split())  # noqa: E731 -- the format is line-based
     return (f"{one_line(m['prompt'])}\nNegative prompt: {one_line(m['negative_prompt'])}\n"
