@@ -105,6 +105,8 @@ def retrain_flow(raw: str = RAW, curated: str = CURATED, loras: str = LORAS, ban
                                                      bank=bank, candidate_metrics=f"{candidates}/metrics",
                                                      metrics=metrics)
         promoted = report["promotion"]["promoted"]
+        if promoted and params.flows.reload_urls:  # the services serving this bank swap the new adapters in
+            report["reload"] = tasks.reload_services(params.flows, bank)
     if dvc_root:
         outputs = [raw, curated, *[f"{loras}/{s}" for s in data["changed"] if s not in failed]]
         report["lineage"] = tasks.record_lineage(dvc_root, outputs + ([bank] if promoted else []), bank)

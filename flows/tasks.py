@@ -202,6 +202,31 @@ def promote_adapters(params: Params, scores: dict, *, candidates: str, loras: st
     return {**result, "decisions": [d.as_dict() for d in decisions]}
 
 
+@task(name="reload-service", task_run_name="reload-{url}", cache_policy=NO_CACHE, **JSON)
+def reload_service(url: str) -> dict:
+    """Ask one service to reload its bank (tipsen.retrain.reload_service); retried by `reload_services`."""
+    return retrain.reload_service(url)
+
+
+def reload_services(flows: FlowsParams, bank: str) -> dict[str, dict]:
+    """After a promotion, reload every service in flows.reload_urls, each with the flow's retries, and record each
+    outcome in promotions.jsonl. A service that stays unreachable fails nothing else: its outcome says why."""
+    call = reload_service.with_options(retries=flows.retries,
+                                       retry_delay_seconds=exponential_backoff(flows.retry_delay_s))
+    futures = {url: call.submit(url) for url in flows.reload_urls}
+    outcomes = {}
+    for url, future in futures.items():
+        try:
+            answer = future.result()
+            outcomes[url] = {"ok": True, "version": answer.get("version"), "changed": answer.get("changed", []),
+                             "added": answer.get("added", []), "unavailable": answer.get("unavailable", {})}
+        except Exception as exc:  # the last retry's error, recorded; the promotion itself stands
+            outcomes[url] = {"ok": False, "error": str(exc)[:500]}
+            get_run_logger().warning("reload of %s failed: %s", url, exc)
+    retrain.record_reloads(Path(bank), outcomes)
+    return outcomes
+
+
 @task(name="detect-changes", cache_policy=NO_CACHE, **JSON)
 def detect_raw_changes(params: Params, raw: str, state: str) -> dict:
     """The keywords whose raw items were added, edited or removed since the last run (vs the state file)."""

@@ -18,6 +18,7 @@ import os
 import secrets
 from collections import Counter
 
+from tipsen.config import API_KEY_ENV
 from tipsen.errors import describe
 from tipsen.server import BIND_HOST_ENV
 
@@ -113,11 +114,19 @@ class Hosts:
             return False
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a client address is this machine's own (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Guard:
     """Host check (400), private routes (404 to outsiders), optional bearer auth (401), per-client and overall
     limits (429), JSON only (415), a body cap (413) and a body deadline (408); security headers on every answer."""
 
-    def __init__(self, app, *, service, private: frozenset[str] = frozenset(), key_env: str = "TIPSEN_API_KEY"):
+    def __init__(self, app, *, service, private: frozenset[str] = frozenset(), key_env: str = API_KEY_ENV):
         self.app, self.svc, self.private = app, service, private
         self.hosts = Hosts(service.allowed_hosts)
         key = os.environ.get(key_env, "")

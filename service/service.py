@@ -27,18 +27,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from service.middleware import INTERNAL_HEADER, INTERNAL_TOKEN, ErrorShape, Guard, PublicDocument, one_line
+from service.middleware import INTERNAL_HEADER, INTERNAL_TOKEN, ErrorShape, Guard, PublicDocument, is_loopback, one_line
 from tipsen import paths, privacy
 from tipsen.assistant import Refinement
 from tipsen.bank import require_base
-from tipsen.config import Seed, Slug, load_params
+from tipsen.config import API_KEY_ENV, Seed, Slug, load_params
 from tipsen.errors import ConfigError
 from tipsen.generate import GenerationRequest, PictureRequest, Plan, png_bytes
 from tipsen.models import local_snapshot, packed, use_local_copy
@@ -170,6 +170,8 @@ class GenerateOutput(Model):
     model: str
     adapter: str | None  # the LoRA applied; None: the base model alone
     adapter_sha256: str | None  # the applied adapter file's sha256: the exact weights that drew the picture
+    adapters: list[dict[str, Any]]  # every adapter drawn, in order: slug, scale and sha256
+    bank_version: int  # the bank version that drew it (POST /bank/reload makes a new one)
     timings: dict[str, float]
     warnings: list[str]  # e.g. a routed keyword without an adapter, drawn by the base model
 
@@ -181,7 +183,20 @@ class KeywordOut(Model):
     class_token: str
     category: str
     available: bool
-    reason: str | None  # why the adapter cannot be used
+    reason: str | None  # why the adapter cannot be used (or, while an older version serves, why the new one was not)
+    sha256: str | None = None  # the serving adapter file's sha256
+    loaded_at: str | None = None  # when the serving file was read (UTC, ISO 8601)
+    path: str | None = None  # "store" (the bank's stacked tensors) or "peft" (what the store cannot hold)
+
+
+class ReloadOut(Model):
+    version: int  # the bank version now serving
+    seconds: float  # from the call until the new version serves
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    kept: list[str]  # changed in the index but refused; the version loaded before still serves
+    unavailable: dict[str, str]  # slug -> why it cannot be used
 
 
 class KeywordsOut(Model):
@@ -427,10 +442,30 @@ class Tipsen:
         known = self.registry.keywords
         rows = [KeywordOut(slug=slug, keyword=a["keyword"], ko=a["ko"], class_token=a["class_token"],
                            category=known[slug].category if slug in known else "unknown", available=a["available"],
-                           reason=a.get("reason"))
+                           reason=a.get("reason"), sha256=a.get("sha256"), loaded_at=a.get("loaded_at"),
+                           path=a.get("path"))
                 for slug, a in status["adapters"].items()]
         return KeywordsOut(base_model=status["base_model"], device=status["device"], max_keywords=GEN.max_keywords,
                            shapes={k: list(v) for k, v in self.generator.shapes().items()}, keywords=rows)
+
+    @ui.post("/bank/reload", response_model=ReloadOut,
+             responses={**NOT_READY, 403: {"model": ErrorOut, "description": "auth is off and the client is not on "
+                                                                            "the loopback address"},
+                        409: {"model": ErrorOut, "description": "another reload is running"}})
+    async def reload_bank(self, request: Request):
+        """Re-read the bank index (models/bank.json): new and changed adapters are read and verified beside the
+        serving ones and swapped in between two diffusion batches; a refused one leaves its old version serving."""
+        if (unavailable := self._unavailable()) is not None:
+            return unavailable
+        host = request.client.host if request.client else ""
+        if not os.environ.get(API_KEY_ENV) and not is_loopback(host):  # with a key, the Guard has checked it
+            return error(403, f"bank/reload: without a service key ({API_KEY_ENV}) only clients on the loopback "
+                              "address may reload the bank")
+        try:
+            changes = await asyncio.to_thread(self.generator.reload)
+        except RuntimeError as exc:
+            return error(409, f"bank/reload: {exc}; retry when it has finished")
+        return ReloadOut(**changes)
 
     @ui.get("/route", response_model=RouteOut,
             responses={**NOT_READY, 422: {"model": ErrorOut, "description": "a query parameter out of bounds"}})

@@ -549,3 +549,39 @@ def test_work_pool_trains_keywords_in_separate_workers(workspace, curated, prefe
     assert parents == {w.pid for w in workers}  # each keyword's flow run was a child of a different worker
     assert len({report["runs"][s]["pid"] for s in KEYWORDS} | {os.getpid()}) == 3
     assert sorted(bank_shas(tmp_path / "bank.json")) == KEYWORDS
+
+
+@pytest.mark.slow
+def test_a_promotion_reloads_the_serving_services(workspace, trained, tmp_path):
+    """retrain_flow promotes a candidate, then asks each service in flows.reload_urls to reload its bank: a real
+    `tipsen serve` on the workspace's bank swaps the new adapter in; a service that is down is retried, recorded as
+    failed in promotions.jsonl, and fails nothing else."""
+    import httpx
+
+    from flows.pipeline import retrain_flow
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _copy(workspace, ws)
+    bank = ws / "models" / "bank.json"
+    server = testing.Server(tmp_path, params=ws / "params.yaml", bank=bank)
+    try:
+        server.wait_ready()
+        down = f"http://127.0.0.1:{testing.free_port()}"  # nothing listens there
+        write_params(ws / "params.yaml", promotion_margin=1.0, reload_urls=[server.url, down], retries=1)
+        add_items(ws / "raw", KEYWORDS[0])
+        report = retrain_flow(raw=str(ws / "raw"), curated=str(ws / "curated"), loras=str(ws / "models" / "loras"),
+                              bank=str(bank), candidates=str(ws / "models" / "candidates"),
+                              state=str(ws / "models" / ".retrain_state.json"), params_file=str(ws / "params.yaml"),
+                              metrics=str(ws / "metrics"), dvc_root=None)
+        assert report["promotion"]["promoted"] == [KEYWORDS[0]]
+        served, failed = report["reload"][server.url], report["reload"][down]
+        assert served["ok"] and served["changed"] == [KEYWORDS[0]]
+        assert not failed["ok"] and "ConnectError" in failed["error"]
+        rows = {k["slug"]: k for k in httpx.get(f"{server.url}/keywords", timeout=60).json()["keywords"]}
+        assert rows[KEYWORDS[0]]["sha256"] == bank_shas(bank)[KEYWORDS[0]]
+        history = [json.loads(line) for line in (ws / "models" / "promotions.jsonl").read_text().splitlines()]
+        reloads = {h["reload"]: h for h in history if "reload" in h}
+        assert reloads[server.url]["version"] == served["version"] and reloads[down]["ok"] is False
+    finally:
+        server.stop()

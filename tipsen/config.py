@@ -211,6 +211,9 @@ HostName = Annotated[str, StringConstraints(pattern=r"^(\*|\.?[A-Za-z0-9]([A-Za-
                                             max_length=253)]
 
 
+API_KEY_ENV = "TIPSEN_API_KEY"  # the service's bearer key (unset: no auth); the key itself is never in params
+
+
 class ServiceParams(Section):
     max_batch_size: int = Field(8, ge=2, le=64)  # requests per adaptive batch (BentoML needs >= 2)
     max_latency_ms: int = Field(60_000, ge=1)  # BentoML sheds (503) a queued request predicted to take longer
@@ -249,6 +252,8 @@ class FlowsParams(Section):
     promotion_margin: float = Field(0.01, ge=0.0, le=1.0)  # a candidate may score this much below the current
     failed_runs: str = Field("models/failed_runs.jsonl", min_length=1)  # a line per failed or crashed flow run
     notify_block: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")  # a saved Prefect Webhook block
+    # services whose bank a promotion reloads (POST <url>/bank/reload, with TIPSEN_API_KEY as bearer key if set)
+    reload_urls: list[Annotated[str, Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")]] = Field([], max_length=32)
     # Task timeouts (s): a hung step fails its run (and its keyword, for training) instead of holding a worker
     train_timeout_s: float = Field(6 * 3600, gt=0, le=7 * 86400)
     curate_timeout_s: float = Field(2 * 3600, gt=0, le=7 * 86400)

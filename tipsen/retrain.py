@@ -19,7 +19,7 @@ from pathlib import Path
 from tipsen import paths
 from tipsen import train_data as td
 from tipsen.bank import WEIGHTS_NAME, Bank, adapter_metadata, build_bank
-from tipsen.config import Params
+from tipsen.config import API_KEY_ENV, Params
 from tipsen.errors import ConfigError, require
 from tipsen.io import publish_dir, sha256_file, sha256_json, write_json_atomic
 from tipsen.registry import Registry
@@ -182,6 +182,41 @@ def promote(decisions: list[Decision], *, candidates: Path, loras: Path, bank: P
         log.info("%s %s: %s", "promoted" if d.promote else "kept the current adapter of", d.slug, d.reason)
     return {"promoted": promoted, "refused": {d.slug: d.reason for d in decisions if not d.promote},
             "bank": str(bank), "bank_sha256": sha256_file(bank) if bank.is_file() else None}
+
+
+# ---------------------------------------------------------------- reloading the services
+
+
+def reload_service(url: str, *, timeout_s: float = 120.0) -> dict:
+    """POST `url`/bank/reload: the service re-reads its bank index and swaps the new adapters in between two
+    batches. Sends TIPSEN_API_KEY as the bearer key when it is set. Returns the service's answer (the bank version
+    now serving, what changed); raises ReloadError on any other answer (a 409 too: a reload is running there)."""
+    import httpx
+
+    key = os.environ.get(API_KEY_ENV)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.post(url.rstrip("/") + "/bank/reload", headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise ReloadError(f"{url}: {type(exc).__name__}: {exc}") from None
+    if response.status_code != 200:
+        try:
+            why = response.json().get("error") or response.text
+        except ValueError:
+            why = response.text
+        raise ReloadError(f"{url}: HTTP {response.status_code}: {str(why)[:300]}")
+    return response.json()
+
+
+class ReloadError(RuntimeError):
+    """A service did not reload its bank (unreachable, refused, or busy with another reload)."""
+
+
+def record_reloads(bank: Path, outcomes: dict[str, dict]) -> None:
+    """Append each service's reload outcome (its answer, or the error after the last retry) to promotions.jsonl."""
+    with open(Path(bank).parent / HISTORY_NAME, "a", encoding="utf-8") as f:
+        for url, outcome in outcomes.items():
+            f.write(json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reload": url, **outcome}) + "\n")
 
 
 # ---------------------------------------------------------------- lineage

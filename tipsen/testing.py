@@ -154,7 +154,7 @@ class Server:
     The server starts at once; `wait_ready()` polls /readyz and records every answer in `readiness`."""
 
     def __init__(self, tmp: Path, *, params: Path, bank: Path, key: str | None = None, extra_env: dict | None = None,
-                 port: int | None = None):
+                 port: int | None = None, host: str = "127.0.0.1"):
         self.port, self.log = port or free_port(), Path(tmp) / "server.log"
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if k != "TIPSEN_API_KEY"}
@@ -163,7 +163,7 @@ class Server:
         self._out = open(self.log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tipsen.cli", "serve", "--params", str(params), "--profile", "demo",
-             "--bank", str(bank), "--port", str(self.port)],
+             "--bank", str(bank), "--port", str(self.port), "--host", host],
             cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
         self.readiness: list[int | None] = []  # /readyz answers from the moment the process started
 
