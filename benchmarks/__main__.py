@@ -3,7 +3,7 @@ writing benchmarks/results/<name>.json. Options (words starting with --) are pas
 import runpy
 import sys
 
-CPU_BENCHMARKS = ["curate", "train", "generate", "assistant", "evaluate", "service", "hardening", "routing"]
+CPU_BENCHMARKS = ["curate", "train", "generate", "assistant", "evaluate", "service", "hardening", "routing", "bank"]
 
 if __name__ == "__main__":
     options = [a for a in sys.argv[1:] if a.startswith("--")]

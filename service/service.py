@@ -2,8 +2,8 @@
 
 Configuration comes from `params.yaml` (TIPSEN_PARAMS; profile: TIPSEN_PROFILE) and the bank index TIPSEN_BANK
 (default: models/bank.json). Models and the bank load in a background thread: /livez answers at once, /readyz and
-the APIs answer 503 until loading is done. The bank is read once, at startup: after `tipsen bank build` (or
-`dvc repro`) restart the service to serve new or retrained adapters.
+the APIs answer 503 until loading is done. After `tipsen bank build` (or `dvc repro`, or a promotion) POST
+/bank/reload swaps new and retrained adapters in between two batches, without a restart (tipsen.store).
 
 `bentoml build` packages it for the profile active then: the Bento records that profile, declares the profile's
 hub models (service.pack) so that `bentoml containerize` copies their files into the image, and refuses a bank
@@ -11,7 +11,7 @@ trained on another base model. A built Bento loads its packed models from those 
 downloads them.
 
 POST /generate (JSON, base64 PNGs), POST /generate_png (one image/png body), POST /refine, GET /keywords,
-GET /route, GET / (the web page), /livez, /readyz. POST /generate_batch is private: each handler resolves its request
+GET /route, POST /bank/reload, GET / (the web page), /livez, /readyz. POST /generate_batch is private: each handler resolves its request
 into a Plan (a bad request is a 400 before it is admitted) and sends the plan there; BentoML's dispatcher forms the
 adaptive batches, and each batch is refined by the assistant and drawn together.
 """

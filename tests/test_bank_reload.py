@@ -195,9 +195,9 @@ def test_bad_entries_cost_only_themselves(server, bank_root, tmp_path):
     assert httpx.get(f"{server.url}/readyz", timeout=30).status_code == 200
 
 
-def test_a_reload_while_another_runs_is_409(server, bank_root):
-    """The first reload is held reading an adapter from a FIFO (a slow disk, deterministically); the second is
-    refused with 409, and the first then finishes with that adapter unavailable."""
+def test_a_reload_while_another_runs_is_409(server, bank_root, tmp_path):
+    """The first reload is held reading the bank index from a FIFO (a slow disk, deterministically); the second is
+    refused with 409, and the first then finishes. An adapter that is a FIFO is refused without blocking."""
     index = _index(bank_root / "bank.json")
     fifo = bank_root / "loras" / "hanbok" / "pytorch_lora_weights.safetensors"
     fifo.parent.mkdir()
@@ -205,16 +205,24 @@ def test_a_reload_while_another_runs_is_409(server, bank_root):
     template = next(a for a in index["adapters"] if a["slug"] == "yakgwa")
     index["adapters"].append({**template, "slug": "hanbok", "path": "loras/hanbok/pytorch_lora_weights.safetensors",
                               "sha256": "1" * 64})
-    (bank_root / "bank.json").write_text(json.dumps(index), encoding="utf-8")
+    saved = tmp_path / "bank.json"
+    saved.write_text(json.dumps(index), encoding="utf-8")
+    (bank_root / "bank.json").unlink()
+    os.mkfifo(bank_root / "bank.json")
     first: dict = {}
     call = threading.Thread(target=lambda: first.update(r=httpx.post(f"{server.url}/bank/reload", timeout=300)))
     call.start()
-    with open(fifo, "wb") as writer:  # returns once the first reload has opened the FIFO to read it
-        second = httpx.post(f"{server.url}/bank/reload", timeout=60)
-        writer.write(b"not an adapter")
-    call.join(timeout=300)
+    try:
+        with open(bank_root / "bank.json", "w", encoding="utf-8") as writer:  # returns once the reload reads it
+            second = httpx.post(f"{server.url}/bank/reload", timeout=60)
+            writer.write(saved.read_text(encoding="utf-8"))
+        call.join(timeout=300)
+    finally:
+        (bank_root / "bank.json").unlink()
+        shutil.copy2(saved, bank_root / "bank.json")
     assert second.status_code == 409 and "already running" in second.json()["error"]
-    assert first["r"].status_code == 200 and first["r"].json()["unavailable"]["hanbok"] == "checksum mismatch"
+    assert first["r"].status_code == 200, first["r"].text
+    assert first["r"].json()["unavailable"]["hanbok"] == "not a regular file: pytorch_lora_weights.safetensors"
     fifo.unlink()
 
 

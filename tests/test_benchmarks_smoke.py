@@ -133,6 +133,21 @@ def check_routing(r: dict) -> None:
     _stats(r["ms_per_sentence"])
 
 
+def check_bank(r: dict) -> None:
+    paths = {(row["path"], row["adapters"]) for row in r["cold_start"]}
+    assert {("store", 1), ("store", 4), ("peft", 1), ("peft", 4)} <= paths
+    assert all(_pos(row["seconds"]) for row in r["cold_start"])
+    assert all(_pos(row["resident_mb_per_adapter"]) for row in r["cold_start"] if row["path"] == "store")
+    _stats(r["read_verify"]["read_verify_s"])
+    for row in r["lora_cost_unet"]:
+        assert row["batch"] in (1, 8) and _pos(row["ratio"]) and 0 < row["arithmetic"] < 1
+    assert _pos(r["store_swap"]["until_serving_s"]) and r["store_swap"]["changed"] == 1
+    assert [row["batch"] for row in r["lora_cost_tiny_generator"]] == [1, 8]
+    swap = r["server_swap"]
+    assert swap["clients"] == 16 and swap["failed"] == 0 and swap["changed"] == ["gimjang"]
+    assert _pos(swap["reload_wall_s"]) and swap["requests"] >= 16
+
+
 CASES = {
     # result name: (command-line arguments, checks)
     "curate": (["benchmarks.curate"], check_curate),
@@ -145,6 +160,7 @@ CASES = {
     "service": (["benchmarks.service"], check_service),
     "hardening": (["benchmarks.hardening"], check_hardening),
     "routing": (["benchmarks.routing"], check_routing),
+    "bank": (["benchmarks.bank"], check_bank),
 }
 
 
@@ -158,7 +174,7 @@ def test_make_bench_entry_point_runs_the_named_benchmarks_with_options(root, tmp
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "warp"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "benchmarks: unknown benchmark warp; allowed: curate, train, generate, assistant, evaluate, service, "
-        "hardening, routing"]
+        "hardening, routing, bank"]
 
 
 @pytest.mark.parametrize("name", list(CASES))

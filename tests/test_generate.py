@@ -253,6 +253,34 @@ def test_two_keywords_in_one_picture_match_stock_diffusers(gen, demo_params, lor
         assert _same(result.images[0], gen.generate(r).images[0]), r
 
 
+def test_what_the_store_cannot_hold_goes_through_peft(demo_params, lora_root, tmp_path, registry):
+    """An adapter with LoRA biases is drawn by peft's path, reported as such, and mixes in one batch with store
+    adapters (also in one row) exactly as each request alone."""
+    from tipsen.bank import build_bank
+    from tipsen.generate import Generator
+
+    random_bank(tmp_path, ["charye"], lora_bias=True, scale=4.0, seed=31, registry=registry)
+    shutil.rmtree(tmp_path / "bank.json", ignore_errors=True)
+    for slug in ("gimjang", "yakgwa"):
+        shutil.copytree(lora_root / "loras" / slug, tmp_path / "loras" / slug)
+    build_bank(tmp_path / "loras", tmp_path / "bank.json", keywords=["gimjang", "yakgwa", "charye"],
+               registry=registry, base_model="tiny:sdxl")
+    gen = Generator(demo_params, bank=tmp_path / "bank.json", registry=registry)
+    adapters = gen.status()["adapters"]
+    assert [adapters[s]["path"] for s in ("gimjang", "yakgwa", "charye")] == ["store", "store", "peft"]
+    assert "lora_B.bias" in adapters["charye"]["why_peft"] or "bias" in adapters["charye"]["why_peft"]
+    base = {"prompt": "a family in autumn", "steps": STEPS, "guidance": 5.0}
+    reqs = [{**base, "keyword": "charye", "seed": 1}, {**base, "keyword": "gimjang", "seed": 2},
+            {**base, "keywords": ["yakgwa", "charye"], "seed": 3}, {**base, "keywords": [], "seed": 4}]
+    mixed = gen.generate_batch(reqs)
+    assert [[a["slug"] for a in r.metadata["adapters"]] for r in mixed] == [["charye"], ["gimjang"],
+                                                                            ["yakgwa", "charye"], []]
+    for r, result in zip(reqs, mixed):
+        assert _same(result.images[0], gen.generate(r).images[0]), r
+    plain = gen.generate({**base, "keywords": [], "seed": 1})
+    assert _differ(mixed[0].images[0], plain.images[0]) > 1.0  # the peft adapter really draws
+
+
 def test_different_adapters_give_different_images(gen):
     base = {"prompt": "a family in autumn", "seed": 3, "steps": STEPS}
     images = {slug: gen.generate({**base, "keyword": slug}).images[0] for slug in SLUGS}

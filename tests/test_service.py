@@ -190,7 +190,8 @@ def test_generate_returns_pngs_prompt_keyword_seed_and_timings(main):
     assert unknown.status_code == 400 and unknown.json()["error"].startswith("prompt: no topic was recognised")
     chosen = post(main, "/generate", {"prompt": "김장하는 날", "keywords": ["yakgwa", "gimjang"], "steps": 1}).json()
     assert (chosen["keyword"], chosen["adapter"], chosen["route"]["source"]) == ("yakgwa", "yakgwa", "explicit")
-    assert "also chosen: gimjang; only yakgwa is drawn" in chosen["warnings"]
+    assert [a["slug"] for a in chosen["adapters"]] == ["yakgwa", "gimjang"] and chosen["warnings"] == []
+    assert all(len(a["sha256"]) == 64 and a["scale"] == 0.7 for a in chosen["adapters"])
     none = post(main, "/generate", {"prompt": "김장하는 날", "keywords": [], "steps": 1}).json()  # all taken back
     assert none["keyword"] is None and none["adapter"] is None and "Gimjang" not in none["prompt"]
     steered = post(main, "/generate", {"prompt": "김장하는 날", "steps": 1, "seed": 7, "sampler": "ddim",

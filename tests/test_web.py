@@ -245,20 +245,18 @@ def pressed(page) -> list[str]:
 
 
 def test_chips_add_and_remove_keywords(page):
-    """A chip adds its keyword to the routed ones or takes it out; the first is drawn and the choice is sent."""
+    """A chip adds its keyword to the routed ones or takes it out; all are drawn together and the choice is sent."""
     sent = generate_bodies(page)
     page.fill("#prompt", "김장하는 날 약과도 먹었어요")
-    page.wait_for_function("() => document.getElementById('route').textContent.includes('알아들었지만')")
+    page.wait_for_function("() => document.getElementById('route').textContent.includes('함께')")
     assert pressed(page) == ["gimjang", "yakgwa"]
     page.click('#chips button[data-slug="yakgwa"]')  # out
     assert pressed(page) == ["gimjang"] and page.inner_text("#route") == "김장 (Gimjang)으로 그릴게요."
     page.click('#chips button[data-slug="songpyeon"]')  # in, after the routed one
-    assert page.inner_text("#route") == "김장 (Gimjang)으로 그릴게요. 송편도 고르셨지만, 한 번에 한 주제만 그려요."
-    page.click('#chips button[data-slug="kimbap"]')
-    page.click('#chips button[data-slug="yakgwa"]')  # a fourth: more than the service draws
-    assert page.inner_text("#route") == "주제는 3가지까지 고를 수 있어요." and "yakgwa" not in pressed(page)
+    assert page.inner_text("#route") == "김장 (Gimjang)으로 그릴게요. 송편도 함께 그려요."
+    page.click('#chips button[data-slug="yakgwa"]')  # a third: more than one picture draws
+    assert page.inner_text("#route") == "주제는 2가지까지 고를 수 있어요." and "yakgwa" not in pressed(page)
     page.click('#chips button[data-slug="gimjang"]')
-    page.click('#chips button[data-slug="kimbap"]')
     assert pressed(page) == ["songpyeon"] and page.inner_text("#route") == "송편 (Songpyeon)으로 그릴게요."
     page.click("#make")
     page.wait_for_selector("#result:not([hidden])", timeout=120_000)
@@ -268,8 +266,8 @@ def test_chips_add_and_remove_keywords(page):
 
 def test_a_second_keyword_is_named_in_the_hint(page):
     page.fill("#prompt", "김장하는 날 약과도 먹었어요")
-    page.wait_for_function("() => document.getElementById('route').textContent.includes('알아들었지만')")
-    assert page.inner_text("#route") == "김장 (Gimjang)으로 그릴게요. 약과도 알아들었지만, 한 번에 한 주제만 그려요."
+    page.wait_for_function("() => document.getElementById('route').textContent.includes('함께')")
+    assert page.inner_text("#route") == "김장 (Gimjang)으로 그릴게요. 약과도 함께 그려요."
 
 
 def test_korean_with_no_topic_is_a_korean_sentence(page):

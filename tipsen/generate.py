@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -55,7 +55,8 @@ class PictureRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str  # the senior's own words; generate.max_prompt_chars at most (longer is cut, with a warning)
-    keyword: Slug | None = None  # a bank slug; None: routed from the prompt
+    # a bank slug, or several drawn together (as `keywords`); None: routed from the prompt
+    keyword: Slug | Annotated[list[Slug], Field(max_length=8)] | None = None
     # bank slugs the caller chose, the first drawn ([] for none: the senior took every routed one back);
     # generate.max_keywords at most; not with `keyword`
     keywords: list[Slug] | None = Field(None, max_length=8)
@@ -156,6 +157,7 @@ class Generator:
         self.store = BankStore(self.pipe, known=set(self.registry.keywords), base=self.base)
         self._fused: tuple[str, float] | None = None
         self._lock = threading.Lock()  # one pipeline: diffusion batches run one at a time, and swaps between them
+        self._reloading = threading.Lock()  # one reload at a time, from reading the index to the swap
         self.store.load(*self._index())
         v = self.store.version
         log.info("generator ready: %s, %d/%d adapters in %.1f s", self.base, len(v.adapters), len(v.reasons),
@@ -179,14 +181,19 @@ class Generator:
         version. Raises RuntimeError while another reload runs."""
         from tipsen.store import describe
 
-        t0 = time.perf_counter()
-        old = self.store.version
-        new = self.store.prepare(*self._index())
-        with self._lock:  # no batch is drawing: the next one starts on the new version
-            if self._fused:
-                self.store.unfuse()
-                self._fused = None
-            self.store.swap(new)
+        if not self._reloading.acquire(blocking=False):
+            raise RuntimeError("a bank reload is already running")
+        try:
+            t0 = time.perf_counter()
+            old = self.store.version
+            new = self.store.prepare(*self._index())
+            with self._lock:  # no batch is drawing: the next one starts on the new version
+                if self._fused:
+                    self.store.unfuse()
+                    self._fused = None
+                self.store.swap(new)
+        finally:
+            self._reloading.release()
         before, after = describe(old), describe(new)
         changes = {
             "added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
@@ -241,7 +248,10 @@ class Generator:
         Each must have a usable adapter unless use_lora is off (then it must only exist)."""
         if req.keyword is not None and req.keywords is not None:
             raise ConfigError("keywords: send either keyword or keywords, not both")
-        field, chosen = ("keyword", [req.keyword]) if req.keyword is not None else ("keywords", req.keywords)
+        if req.keyword is not None:
+            field, chosen = "keyword", [req.keyword] if isinstance(req.keyword, str) else list(req.keyword)
+        else:
+            field, chosen = "keywords", req.keywords
         if chosen is None:
             return None
         if len(set(chosen)) < len(chosen):
@@ -314,7 +324,7 @@ class Generator:
         else:
             problem = f"{slug!r} is not in the bank ({self.bank_error or 'no adapter for it'})" if self.bank_path \
                 else f"{slug!r} has no adapter: no bank is loaded"
-        usable = [s for s, reason in self.reasons.items() if reason is None]  # in bank order
+        usable = [s for s in self.reasons if s in self.store.version.adapters]  # in bank order
         raise ConfigError(f"{field}: {problem}; allowed: {', '.join(usable) or 'none (the bank is empty)'}")
 
     def resolve(self, request: GenerationRequest | dict, *, refine: bool = True) -> Plan:
@@ -579,7 +589,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("prompt", help="the senior's own words, in Korean or English")
     parser.add_argument("--out", required=True,  # a str: Path() would drop the trailing '/' of a folder
                         help="PNG to write; with --num-images N, OUT-0.png ... OUT-(N-1).png")
-    parser.add_argument("--keyword", help="bank keyword slug (default: routed from the prompt)")
+    parser.add_argument("--keyword", action="append", help="bank keyword slug (default: routed from the prompt); "
+                        "repeat it to draw several keywords in one picture")
     parser.add_argument("--seed", type=int, help="default: random, and reported")
     parser.add_argument("--assist", action="store_true", help="refine the prompt with the prompting assistant")
     parser.add_argument("--steps", type=int)
@@ -597,7 +608,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     params = load_params(args.params, profile=args.profile)
     params.log()
-    fields = dict(prompt=args.prompt, keyword=args.keyword, seed=args.seed, steps=args.steps, guidance=args.guidance,
+    keyword = args.keyword[0] if args.keyword and len(args.keyword) == 1 else args.keyword
+    fields = dict(prompt=args.prompt, keyword=keyword, seed=args.seed, steps=args.steps, guidance=args.guidance,
                   lora_scale=args.lora_scale, width=args.width, height=args.height, num_images=args.num_images,
                   assist=args.assist, use_lora=not args.no_lora, negative_prompt=args.negative_prompt,
                   sampler=args.sampler)
@@ -606,8 +618,8 @@ def run(args) -> int:
     if out.is_dir() or args.out.endswith(("/", os.sep)):
         raise ConfigError(f"--out {args.out}: is a folder; give the PNG's file name")
     registry = Registry.load()
-    if req.keyword:
-        registry.get(req.keyword)
+    for slug in [req.keyword] if isinstance(req.keyword, str) else req.keyword or []:
+        registry.get(slug, field="--keyword")
     assistant = _assistant(params, registry) if args.assist else None
     generator = Generator(params, bank=args.bank, assistant=assistant, registry=registry)
     result = generator.generate(req)

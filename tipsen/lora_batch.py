@@ -1,4 +1,5 @@
-"""The LoRA bank in memory: every adapter resident as a named peft adapter, chosen per sample at run time.
+"""LoRA adapters loaded by peft, chosen per sample at run time: the path for what the bank store (tipsen.store) does
+not hold, and for pipelines loaded the stock way (the GPU benchmark script).
 
 One diffusion batch can mix adapters, each sample with its own adapter and scale. Two ways, chosen per layer:
 
@@ -19,10 +20,7 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
-
-if TYPE_CHECKING:  # only torch and peft at import time: the GPU benchmark script uses this module on its own
-    from tipsen.bank import Bank
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -66,45 +64,6 @@ def expected_warnings_quiet():
     finally:
         for logger in loggers:
             logger.removeFilter(quiet)
-
-
-def load_adapters(pipe, bank: Bank, known: set[str]) -> dict[str, str | None]:
-    """Load every verified adapter of `bank` under its slug; {slug: None if loaded, else why not}."""
-    with expected_warnings_quiet():
-        status = {entry.slug: _load_one(pipe, bank, entry, known) for entry in bank}
-    for layer in lora_layers(components(pipe)):
-        # No adapter is ever active: a LoRA applies only through per-sample names or fusion, so a layer
-        # that a fused adapter does not cover cannot pick up whichever adapter diffusers activated last.
-        layer.set_adapter([], inference_mode=True)
-    return status
-
-
-def _load_one(pipe, bank: Bank, entry, known: set[str]) -> str | None:
-    if entry.slug not in known:
-        reason = "not in the keyword registry"
-    elif entry.path.suffix != ".safetensors":  # never hand a pickle to a loader
-        reason = f"not a safetensors file: {entry.path.name}"
-    else:
-        reason = bank.verify(entry.slug)
-    if reason is None:
-        try:
-            # weight_name ends in .safetensors and use_safetensors=True: diffusers has no pickle fallback.
-            pipe.load_lora_weights(str(entry.path.parent), weight_name=entry.path.name, adapter_name=entry.slug,
-                                   use_safetensors=True, low_cpu_mem_usage=True)  # no random init before loading
-        except Exception as exc:  # one bad adapter must not take the bank down; the reason is reported
-            reason = f"load failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
-            _drop(pipe, entry.slug)
-    if reason:
-        log.warning("adapter %s unavailable: %s", entry.slug, reason)
-    return reason
-
-
-def _drop(pipe, slug: str) -> None:
-    """Remove whatever part of a failed adapter was injected (harmless if left: only named adapters run)."""
-    try:
-        pipe.delete_adapters(slug)
-    except Exception as exc:  # recorded; the adapter is already marked unavailable
-        log.warning("could not remove the partly loaded adapter %s: %s", slug, exc)
 
 
 def _layer_input(args, kwargs, table: dict):

@@ -22,10 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
+import stat
 import threading
 import time
 from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from tipsen.lora_batch import components, expected_warnings_quiet, per_sample
@@ -87,17 +92,62 @@ class Version:
         return sum(s.a.nbytes + s.b.nbytes for s in self.stacks.values())
 
 
-def read_header(data: bytes) -> dict[str, str]:
-    """A safetensors file's `__metadata__`, from its bytes."""
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or n > len(data) - 8:
-        raise ValueError("the header length is wrong")
-    return json.loads(data[8:8 + n]).get("__metadata__") or {}
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def map_safetensors(path: Path) -> tuple[dict[str, str], dict, str]:
+    """A safetensors file mapped once: its `__metadata__`, its tensors as views of the mapping (no copy) and the
+    sha256 of its bytes. Raises Unavailable for a file that is missing, unreadable or not safetensors.
+
+    The mapping is private (copy-on-write) and the bank's files are published by rename, never rewritten in place,
+    so the bytes hashed are the bytes the views read."""
+    import mmap
+    import warnings
+
+    import torch
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO or a device never blocks the reader
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise Unavailable(f"not a regular file: {path.name}")
+            size = info.st_size
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if size else b""
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        raise Unavailable(f"file missing: {path.name}") from None
+    except OSError as exc:
+        raise Unavailable(f"cannot be read ({exc.strerror})") from None
+    sha = hashlib.sha256(mm).hexdigest()
+    try:
+        n = int.from_bytes(mm[:8], "little")
+        if size < 8 or n <= 1 or n > size - 8:
+            raise ValueError("its header length is wrong")
+        header = json.loads(bytes(mm[8:8 + n]))
+        meta, tensors = header.pop("__metadata__", None) or {}, {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.frombuffer on a mapping
+            for key, spec in header.items():
+                dtype = getattr(torch, _DTYPES.get(spec["dtype"], ""), None)
+                if dtype is None:
+                    raise ValueError(f"{key}: dtype {spec['dtype']} is not a float")
+                start, end = spec["data_offsets"]
+                count = math.prod(spec["shape"])
+                if not 0 <= start <= end <= size - 8 - n or end - start != count * dtype.itemsize:
+                    raise ValueError(f"{key}: its data offsets are wrong")
+                tensors[key] = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + start) \
+                    .reshape(spec["shape"]) if count else torch.zeros(spec["shape"], dtype=dtype)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        raise Unavailable(f"not a readable safetensors file ({exc})") from None
+    return meta, tensors, sha
 
 
 def lora_updates(pipe_cls, tensors: dict, header: dict[str, str]) -> dict[str, tuple]:
-    """{module name: (A [r, in], B [out, r] * alpha/r)} of a LoRA file's tensors, in diffusers' layout or kohya's
-    (converted by diffusers' own `lora_state_dict`), with the scale peft would give each layer.
+    """{module name: (A [r, in], B [out, r], alpha/r)} of a LoRA file's tensors, in diffusers' layout (read
+    directly) or another one such as kohya's (converted by diffusers' own `lora_state_dict`), with the scale peft
+    would give each layer.
 
     Raises PeftOnly for what only peft draws (biases, DoRA, per-layer patterns) and Unavailable for what is no
     LoRA at all."""
@@ -108,6 +158,9 @@ def lora_updates(pipe_cls, tensors: dict, header: dict[str, str]) -> dict[str, t
     for key in ("use_dora", "lora_bias"):
         if any(meta.get(f"{p}.{key}") for p in _PREFIXES):
             raise PeftOnly("DoRA" if key == "use_dora" else "LoRA biases")
+    direct = _diffusers_layout(tensors, meta)
+    if direct is not None:
+        return direct
     try:
         with expected_warnings_quiet():
             state, alphas = pipe_cls.lora_state_dict(dict(tensors), use_safetensors=True)
@@ -146,7 +199,30 @@ def lora_updates(pipe_cls, tensors: dict, header: dict[str, str]) -> dict[str, t
         a, b = ab["A"], ab["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise PeftOnly(f"{module}: a {a.ndim}-d LoRA (a convolution)")
-        out[module] = (a, b)
+        out[module] = (a, b, 1.0)  # alpha/rank is already in b
+    return out
+
+
+_SUFFIXES = {".lora.down.weight": "A", ".lora.up.weight": "B", ".lora_A.weight": "A", ".lora_B.weight": "B"}
+
+
+def _diffusers_layout(tensors: dict, meta: dict) -> dict[str, tuple] | None:
+    """The updates of a file in diffusers' own layout (tipsen's: `unet.<module>.lora.down.weight` / `.up.weight`,
+    or peft's lora_A / lora_B), without converting it; None for any other layout."""
+    parts: dict[str, dict[str, object]] = {}
+    for key, value in tensors.items():
+        suffix = next((x for x in _SUFFIXES if key.endswith(x)), None)
+        if suffix is None or key.split(".")[0] not in _PREFIXES or ".processor." in key:
+            return None
+        parts.setdefault(key[:-len(suffix)], {})[_SUFFIXES[suffix]] = value
+    if not parts or any(set(ab) != {"A", "B"} or ab["A"].ndim != 2 or ab["B"].ndim != 2 for ab in parts.values()):
+        return None
+    first = next(iter(parts.values()))["A"].shape[0]  # diffusers' default without metadata: alpha = the first rank
+    out = {}
+    for module, ab in parts.items():
+        rank = ab["A"].shape[0]
+        alpha = float(meta.get(f"{module.split('.')[0]}.lora_alpha") or first)
+        out[module] = (ab["A"], ab["B"], alpha / rank)
     return out
 
 
@@ -165,10 +241,11 @@ class BankStore:
                 if isinstance(module, torch.nn.Linear):
                     self.linears[f"{prefix}.{name.replace('.base_layer', '')}"] = module
         self.version = Version()
-        self._hooked: set[str] = set()
+        self._hooked: dict = {}  # module name -> its hook's handle
         self._active: tuple | None = None  # (version, rows table, cache) while a batch runs
         self._lock = threading.Lock()  # one prepare at a time
         self._numbers = 0
+        self.threads = max(1, min(4, os.cpu_count() or 1))  # files read and hashed at once
         self.seen: set[str] = set()  # every slug any version served (a plan may name one a reload took out)
 
     # ------------------------------------------------------------------ building versions
@@ -195,28 +272,33 @@ class BankStore:
         for slug, why in bank.invalid.items():
             if slug in self.known:
                 self._refused(new, old, slug, f"refused by the index: {why}")
-        updates: dict[str, dict] = {}  # slug -> module -> (A, B), for adapters read now
+        updates: dict[str, dict] = {}  # slug -> module -> (A, B, scale), for adapters read now
+        todo = []
         for entry in bank:
             kept = old.adapters.get(entry.slug)
             if kept and kept.sha256 == entry.sha256 and old.entries[entry.slug].path == entry.path:
                 new.adapters[entry.slug] = kept  # unchanged: its tensors are copied from the serving stacks
                 new.reasons[entry.slug] = None
-                continue
-            try:
-                got = self._read(entry)
-            except Unavailable as exc:
-                self._refused(new, old, entry.slug, str(exc))
+            else:
+                todo.append(entry)
+        with ThreadPoolExecutor(self.threads) as pool:  # hashing and reading release the GIL
+            read = list(pool.map(self._try_read, todo))
+        for entry, got in zip(todo, read):
+            if isinstance(got, Unavailable):
+                self._refused(new, old, entry.slug, str(got))
                 continue
             if isinstance(got, str):  # peft's path
-                new.adapters[entry.slug] = self._load_peft(entry, got, new.number)
-                if new.adapters[entry.slug].peft_name is None:
-                    new.reasons[entry.slug] = new.adapters.pop(entry.slug).why_peft
+                loaded = self._load_peft(entry, got, new.number)
+                if loaded.peft_name is None:
+                    self._refused(new, old, entry.slug, loaded.why_peft)
                     continue
+                new.adapters[entry.slug] = loaded
             else:
                 updates[entry.slug] = got
                 new.adapters[entry.slug] = Loaded(entry.slug, entry.sha256, STORE, time.time(), modules=len(got))
             new.reasons[entry.slug] = None
         self._stack(new, old, updates)
+        del updates, read  # the files' mappings go with their views
         new.loaded_s = time.perf_counter() - t0
         return new
 
@@ -231,40 +313,35 @@ class BankStore:
         log.warning("adapter %s: %s", slug, why)
         new.reasons[slug] = why
 
+    def _try_read(self, entry: BankEntry) -> dict | str | Unavailable:
+        try:
+            return self._read(entry)
+        except Unavailable as exc:
+            return exc
+
     def _read(self, entry: BankEntry) -> dict | str:
-        """An adapter's per-module updates, read once and verified; a str: why it goes through peft's path."""
+        """An adapter's per-module updates (views of its mapped file), verified; a str: why it goes through peft's
+        path. Raises Unavailable with the reason it cannot be used."""
         import torch
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_bytes
 
         if entry.slug not in self.known:
             raise Unavailable("not in the keyword registry")
         if entry.path.suffix != ".safetensors":  # never hand a pickle to a loader
             raise Unavailable(f"not a safetensors file: {entry.path.name}")
-        try:
-            data = entry.path.read_bytes()
-        except FileNotFoundError:
-            raise Unavailable(f"file missing: {entry.path.name}") from None
-        except OSError as exc:
-            raise Unavailable(f"cannot be read ({exc.strerror})") from None
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
+        header, tensors, sha = map_safetensors(entry.path)
+        if sha != entry.sha256:
             raise Unavailable("checksum mismatch")
-        try:
-            header, tensors = read_header(data), load_bytes(data)
-        except (SafetensorError, ValueError) as exc:
-            raise Unavailable(f"not a readable safetensors file ({exc})") from None
-        del data
         trained = header.get("tipsen.base_model")
         if self.base and trained and trained != self.base:
             raise Unavailable(f"trained on {trained!r}, not on this service's base model {self.base!r}")
-        for key, t in tensors.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise Unavailable(f"non-finite values in {key}")
         try:
             updates = lora_updates(type(self.pipe), tensors, header)
         except PeftOnly as exc:
+            for key, t in tensors.items():  # the store checks its own stacks (_stack); peft's path is checked here
+                if not bool(torch.isfinite(t).all()):
+                    raise Unavailable(f"non-finite values in {key}") from None
             return f"peft's path: it holds {exc}"
-        for module, (a, b) in updates.items():
+        for module, (a, b, _) in updates.items():
             layer = self.linears.get(module)
             if layer is None:
                 if _find(self.pipe, module) is None:
@@ -301,7 +378,8 @@ class BankStore:
             log.warning("could not remove peft adapter %s: %s", name, exc)
 
     def _stack(self, new: Version, old: Version, updates: dict[str, dict]) -> None:
-        """Build `new`'s stacks: read adapters from `updates`, kept ones copied from `old`'s stacks."""
+        """Build `new`'s stacks: adapters read now from `updates` (cast to the pipeline's dtype, alpha/rank folded
+        into B), kept ones copied from `old`'s stacks; then every stack checked for NaNs and infinities."""
         import torch
 
         device, dtype = self.pipe.device, self.pipe.dtype
@@ -309,37 +387,69 @@ class BankStore:
         for slug, loaded in new.adapters.items():
             if loaded.path != STORE:
                 continue
-            names = updates[slug] if slug in updates else \
-                [m for m, s in old.stacks.items() if slug in s.slot]
+            names = updates[slug] if slug in updates else [m for m, s in old.stacks.items() if slug in s.slot]
             for module in names:
                 modules.setdefault(module, []).append(slug)
-        sizes: dict[str, int] = {}
+
+        def rank_of(slug: str, module: str) -> int:
+            return updates[slug][module][0].shape[0] if slug in updates else int(old.stacks[module].a.shape[1])
+
         for module, slugs in modules.items():
-            layer = self.linears[module]
-            def rank_of(slug):
-                if slug in updates:
-                    return updates[slug][module][0].shape[0]
-                s = old.stacks[module]
-                return int(s.a.shape[1])
-            rank = max(rank_of(s) for s in slugs)
-            a = torch.zeros(len(slugs), rank, layer.in_features, device=device, dtype=dtype)
-            b = torch.zeros(len(slugs), layer.out_features, rank, device=device, dtype=dtype)
-            for i, slug in enumerate(slugs):
-                if slug in updates:
-                    ua, ub = updates[slug][module]
-                    a[i, :ua.shape[0]] = ua.to(device, dtype)
-                    b[i, :, :ub.shape[1]] = ub.to(device, dtype)
-                else:
-                    s = old.stacks[module]
-                    j, r = s.slot[slug], min(rank, s.a.shape[1])
-                    a[i, :r] = s.a[j, :r]
-                    b[i, :, :r] = s.b[j, :, :r]
-                sizes[slug] = sizes.get(slug, 0) + (a[i].nbytes + b[i].nbytes)
-            new.stacks[module] = _Stack(a, b, {s: i for i, s in enumerate(slugs)})
-        for slug, n in sizes.items():
-            loaded = new.adapters[slug]
-            new.adapters[slug] = Loaded(**{**loaded.__dict__, "nbytes": n,
-                                           "modules": sum(1 for s in new.stacks.values() if slug in s.slot)})
+            layer, rank = self.linears[module], max(rank_of(s, module) for s in slugs)
+            kept, fresh = [s for s in slugs if s not in updates], [s for s in slugs if s in updates]
+            stack = new.stacks[module] = _Stack(
+                torch.empty(len(slugs), rank, layer.in_features, device=device, dtype=dtype),
+                torch.empty(len(slugs), layer.out_features, rank, device=device, dtype=dtype),
+                {s: i for i, s in enumerate(kept + fresh)})
+            if kept:  # one gather per layer from the serving stack
+                src, n = old.stacks[module], len(kept)
+                idx, r = torch.tensor([src.slot[s] for s in kept], device=device), src.a.shape[1]
+                if r == rank:
+                    torch.index_select(src.a, 0, idx, out=stack.a[:n])
+                    torch.index_select(src.b, 0, idx, out=stack.b[:n])
+                else:  # a larger rank came in: zero-padded
+                    stack.a[:n, :r], stack.a[:n, r:] = src.a[idx], 0
+                    stack.b[:n, :, :r], stack.b[:n, :, r:] = src.b[idx], 0
+            for i, slug in enumerate(fresh, start=len(kept)):
+                ua, ub, scale = updates[slug][module]
+                ub = ub if scale == 1.0 else ub * scale
+                r = ua.shape[0]
+                if r == rank:
+                    stack.a[i].copy_(ua)
+                    stack.b[i].copy_(ub)
+                else:  # a smaller rank than the layer's largest: zero-padded
+                    stack.a[i, :r], stack.a[i, r:] = ua, 0
+                    stack.b[i, :, :r], stack.b[i, :, r:] = ub, 0
+
+        def finite(t) -> bool:  # a float32 sum is NaN or infinite if any value is (one pass, no temporary)
+            return math.isfinite(float(t.sum(dtype=torch.float32)))
+
+        def check(module: str) -> dict[str, str]:
+            """The adapters with a NaN or an infinity in this layer's stack, after the cast (so a value beyond
+            float16's range counts too): one test per stack, then per slot only when it fails."""
+            stack, bad = new.stacks[module], {}
+            if finite(stack.a) and finite(stack.b):
+                return bad
+            for slug, i in stack.slot.items():
+                if not (finite(stack.a[i]) and finite(stack.b[i])):
+                    bad[slug] = f"non-finite values in {module}" + (" (beyond float16's range?)"
+                                                                    if dtype == torch.float16 else "")
+            return bad
+
+        failed: dict[str, str] = {}
+        for module in new.stacks:
+            for slug, why in check(module).items():
+                failed.setdefault(slug, why)
+        for slug, why in failed.items():  # its slots stay unused until the next reload
+            for stack in new.stacks.values():
+                stack.slot.pop(slug, None)
+            del new.adapters[slug]
+            self._refused(new, old, slug, why)
+        for slug, loaded in list(new.adapters.items()):
+            if loaded.path == STORE:
+                held = [(st, st.slot[slug]) for st in new.stacks.values() if slug in st.slot]
+                new.adapters[slug] = Loaded(**{**loaded.__dict__, "modules": len(held),
+                                               "nbytes": sum(st.a[i].nbytes + st.b[i].nbytes for st, i in held)})
 
     def swap(self, new: Version) -> Version:
         """Serve `new` from the next batch on; returns the version it replaces (whose peft adapters are removed).
@@ -347,8 +457,8 @@ class BankStore:
         The caller runs it between two batches (the Generator holds its diffusion lock)."""
         for module in new.stacks:
             if module not in self._hooked:
-                self.linears[module].register_forward_hook(self._make_hook(module), with_kwargs=True)
-                self._hooked.add(module)
+                self._hooked[module] = self.linears[module].register_forward_hook(self._make_hook(module),
+                                                                                  with_kwargs=True)
         old, self.version = self.version, new
         self.seen.update(new.adapters)
         keep = {a.peft_name for a in new.adapters.values() if a.peft_name}
@@ -356,6 +466,13 @@ class BankStore:
             if loaded.peft_name and loaded.peft_name not in keep:
                 self._delete_peft(loaded.peft_name)
         return old
+
+    def close(self) -> None:
+        """Remove the store's hooks and its adapters from the pipeline (the pipeline draws the base model again)."""
+        for handle in self._hooked.values():
+            handle.remove()
+        self._hooked.clear()
+        self.swap(Version(number=self._numbers + 1))
 
     def load(self, bank: Bank | None, bank_error: str | None = None) -> Version:
         """Prepare and serve a version at once (start-up, the CLI, the evaluation)."""
@@ -418,7 +535,7 @@ class BankStore:
                 x = x.index_select(0, index)
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
             delta = flat.bmm(rows_a).bmm(rows_b).reshape(*x.shape[:-1], rows_b.shape[-1]).to(out.dtype)
-            return out + delta if index is None else out.index_add(0, index, delta)
+            return out.add_(delta) if index is None else out.index_add_(0, index, delta)  # out is the layer's own
         return hook
 
     # ------------------------------------------------------------------ fusing (single-keyword workloads)
@@ -486,8 +603,8 @@ def _gather(stack: _Stack, rows: list[list[tuple[str, float]]], device, dtype):
     n, rank = len(sel), stack.a.shape[1]
     a = stack.a[slots].to(device, dtype)  # [n, k, r, in]
     b = stack.b[slots].to(device, dtype) * factor.view(n, k, 1, 1)  # [n, k, out, r]
-    rows_a = a.reshape(n, k * rank, -1).transpose(1, 2)  # [n, in, k*r]
-    rows_b = b.permute(0, 2, 1, 3).reshape(n, -1, k * rank).transpose(1, 2)  # [n, k*r, out]
+    rows_a = a.reshape(n, k * rank, -1).transpose(1, 2).contiguous()  # [n, in, k*r]
+    rows_b = b.permute(0, 2, 1, 3).reshape(n, -1, k * rank).transpose(1, 2).contiguous()  # [n, k*r, out]
     index = None if len(sel) == len(rows) else torch.tensor(sel, device=device)
     return index, rows_a, rows_b
 

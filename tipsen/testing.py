@@ -39,7 +39,7 @@ SERVICE_PARAMS = {
 
 def random_bank(out: Path, slugs: Sequence[str], *, rank: int = 4, alpha: float | None = None,
                 target_modules: Sequence[str] | None = None, seed: int = 100, scale: float = 1.0,
-                corrupt: str | None = None, registry=None, unet=None) -> Path:
+                corrupt: str | None = None, registry=None, unet=None, lora_bias: bool = False) -> Path:
     """Random LoRA adapters on tiny:sdxl's UNet, saved as the trainer saves them and indexed by the real bank builder.
 
     Writes `out/loras/<slug>/pytorch_lora_weights.safetensors` for each slug and returns the index `out/bank.json`.
@@ -47,6 +47,7 @@ def random_bank(out: Path, slugs: Sequence[str], *, rank: int = 4, alpha: float 
     image, then lora_B is multiplied by `scale`. `alpha` defaults to `rank` and `target_modules` to the trainer's.
     `corrupt` is one adapter more: indexed, then one byte flipped, so its file no longer matches the index.
     `unet`: another UNet to shape the adapters for (the full-size SDXL one); it is left without adapters.
+    `lora_bias`: adapters with a bias on lora_B (peft's `lora_bias`), which only peft's path draws.
     """
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -67,7 +68,7 @@ def random_bank(out: Path, slugs: Sequence[str], *, rank: int = 4, alpha: float 
     for i, slug in enumerate(names):
         torch.manual_seed(seed + i)
         config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=targets,
-                            init_lora_weights=False)
+                            init_lora_weights=False, lora_bias=lora_bias)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # one adapter after another
             unet.add_adapter(config, adapter_name=slug)
