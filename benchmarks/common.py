@@ -67,6 +67,22 @@ def paired(a: Callable[[], Any], b: Callable[[], Any], *, reps: int = 5, warmup:
     return {"a": sa, "b": sb, "ratio_a_over_b": sa["median"] / sb["median"]}
 
 
+def alternated(fns: dict[str, Callable[[], Any]], *, reps: int = 3, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Time several callables in one process, in a rotating order each repetition so that drift and position
+    favour none; a summary per name."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(reps):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - t)
+    return {name: summarize(s) for name, s in samples.items()}
+
+
 def write_result(name: str, data: dict[str, Any], *, params: dict[str, Any] | None = None) -> Path:
     from tipsen.io import write_json_atomic
 

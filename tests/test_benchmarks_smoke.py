@@ -141,6 +141,7 @@ def check_bank(r: dict) -> None:
     _stats(r["read_verify"]["read_verify_s"])
     for row in r["lora_cost_unet"]:
         assert row["batch"] in (1, 8) and _pos(row["ratio"]) and 0 < row["arithmetic"] < 1
+        assert _pos(row["peft_one_adapter_ratio"]) and _pos(row["store_over_peft"])
     assert _pos(r["store_swap"]["until_serving_s"]) and r["store_swap"]["changed"] == 1
     assert [row["batch"] for row in r["lora_cost_tiny_generator"]] == [1, 8]
     swap = r["server_swap"]

@@ -171,14 +171,16 @@ def test_mixed_batch_matches_each_request_alone(gen, monkeypatch):
 
 def _peft_unet(lora_root: Path, slugs):
     """tiny:sdxl's UNet with `slugs` loaded the stock way (peft layers, one named adapter each)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     from tipsen.bank import WEIGHTS_NAME
     from tipsen.models import resolve_ref
 
     unet = UNet2DConditionModel.from_pretrained(resolve_ref("tiny:sdxl"), subfolder="unet", use_safetensors=True)
-    for slug in slugs:
-        unet.load_lora_adapter(str(lora_root / "loras" / slug / WEIGHTS_NAME), prefix="unet", adapter_name=slug)
+    for slug in slugs:  # as load_lora_weights does: the pipeline reads the file (any layout), the UNet takes it
+        state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(lora_root / "loras" / slug),
+                                                                 weight_name=WEIGHTS_NAME, use_safetensors=True)
+        StableDiffusionXLPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=slug)
     return unet
 
 
@@ -221,6 +223,39 @@ def test_store_equals_peft_mixed_batch(gen, lora_root):
         with gen.store.batch([("gimjang", "yakgwa")], [(0.7, 1.2)]):
             stored = gen.pipe.unet(x, 500, ctx, added_cond_kwargs=extra).sample
     assert torch.allclose(stored, both, atol=1e-5, rtol=1e-4)
+
+
+def test_adapters_of_different_ranks_and_a_kohya_file(demo_params, lora_root, tmp_path, registry):
+    """A rank-8 adapter beside rank-4 ones (zero-padded in the stacks), and an adapter in the kohya layout (read
+    through diffusers' own conversion, alpha 2 of rank 4): the store draws each as peft does."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tipsen.bank import WEIGHTS_NAME, build_bank
+    from tipsen.export import to_kohya
+    from tipsen.generate import Generator
+    from tipsen.lora_batch import per_sample
+
+    random_bank(tmp_path, ["sebae"], rank=8, scale=4.0, seed=41, registry=registry)
+    shutil.copytree(lora_root / "loras" / "gimjang", tmp_path / "loras" / "gimjang")
+    (tmp_path / "loras" / "hanok").mkdir()
+    kohya = to_kohya(lora_root / "loras" / "hanok" / WEIGHTS_NAME, alpha=2.0)
+    save_file(kohya, str(tmp_path / "loras" / "hanok" / WEIGHTS_NAME))
+    build_bank(tmp_path / "loras", tmp_path / "bank.json", keywords=["gimjang", "sebae", "hanok"], registry=registry,
+               base_model="tiny:sdxl")
+    gen = Generator(demo_params, bank=tmp_path / "bank.json", registry=registry)
+    assert {s: a["path"] for s, a in gen.status()["adapters"].items()} == dict.fromkeys(["gimjang", "sebae", "hanok"],
+                                                                                      "store")
+    peft_unet = _peft_unet(tmp_path, ["gimjang", "sebae", "hanok"])
+    names = ["gimjang", "sebae", "hanok", None]
+    x, ctx, extra = _unet_inputs(peft_unet.config, 2 * len(names))
+    with torch.no_grad():
+        with per_sample([peft_unet], names, [1.0] * len(names), gather=False):
+            want = peft_unet(x, 500, ctx, added_cond_kwargs=extra).sample
+        with gen.store.batch([(n,) if n else () for n in names], [(1.0,)] * len(names)):
+            got = gen.pipe.unet(x, 500, ctx, added_cond_kwargs=extra).sample
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert gen.store.version.stacks[next(iter(gen.store.version.stacks))].a.shape[1] == 8  # padded to the largest
 
 
 def test_two_keywords_in_one_picture_match_stock_diffusers(gen, demo_params, lora_root):

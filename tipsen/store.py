@@ -396,7 +396,9 @@ class BankStore:
 
         for module, slugs in modules.items():
             layer, rank = self.linears[module], max(rank_of(s, module) for s in slugs)
-            kept, fresh = [s for s in slugs if s not in updates], [s for s in slugs if s in updates]
+            kept = [s for s in slugs if s not in updates]
+            fresh = sorted((s for s in slugs if s in updates),  # those of the layer's rank first: stacked at once
+                           key=lambda s: updates[s][module][0].shape[0] != rank)
             stack = new.stacks[module] = _Stack(
                 torch.empty(len(slugs), rank, layer.in_features, device=device, dtype=dtype),
                 torch.empty(len(slugs), layer.out_features, rank, device=device, dtype=dtype),
@@ -410,16 +412,18 @@ class BankStore:
                 else:  # a larger rank came in: zero-padded
                     stack.a[:n, :r], stack.a[:n, r:] = src.a[idx], 0
                     stack.b[:n, :, :r], stack.b[:n, :, r:] = src.b[idx], 0
-            for i, slug in enumerate(fresh, start=len(kept)):
+            full = [s for s in fresh if updates[s][module][0].shape[0] == rank]
+            if full:  # one cast per matrix and one stack per layer (far fewer calls than a copy per adapter)
+                n, m = len(kept), len(full)
+                got = [updates[s][module] for s in full]
+                torch.stack([a.to(dtype) for a, _, _ in got], out=stack.a[n:n + m])
+                torch.stack([(b if scale == 1.0 else b * scale).to(dtype) for _, b, scale in got],
+                            out=stack.b[n:n + m])
+            for i, slug in enumerate(fresh[len(full):], start=len(kept) + len(full)):  # smaller ranks: zero-padded
                 ua, ub, scale = updates[slug][module]
-                ub = ub if scale == 1.0 else ub * scale
                 r = ua.shape[0]
-                if r == rank:
-                    stack.a[i].copy_(ua)
-                    stack.b[i].copy_(ub)
-                else:  # a smaller rank than the layer's largest: zero-padded
-                    stack.a[i, :r], stack.a[i, r:] = ua, 0
-                    stack.b[i, :, :r], stack.b[i, :, r:] = ub, 0
+                stack.a[i, :r], stack.a[i, r:] = ua, 0
+                stack.b[i, :, :r], stack.b[i, :, r:] = (ub if scale == 1.0 else ub * scale), 0
 
         def finite(t) -> bool:  # a float32 sum is NaN or infinite if any value is (one pass, no temporary)
             return math.isfinite(float(t.sum(dtype=torch.float32)))
@@ -534,8 +538,11 @@ class BankStore:
             if index is not None:
                 x = x.index_select(0, index)
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            delta = flat.bmm(rows_a).bmm(rows_b).reshape(*x.shape[:-1], rows_b.shape[-1]).to(out.dtype)
-            return out.add_(delta) if index is None else out.index_add_(0, index, delta)  # out is the layer's own
+            if index is None:  # every row: out += (x A) B in one fused product, in place (out is the layer's own)
+                out.view(flat.shape[0], -1, out.shape[-1]).baddbmm_(flat.bmm(rows_a), rows_b)
+                return out
+            delta = flat.bmm(rows_a).bmm(rows_b).reshape(*x.shape[:-1], rows_b.shape[-1])
+            return out.index_add_(0, index, delta.to(out.dtype))
         return hook
 
     # ------------------------------------------------------------------ fusing (single-keyword workloads)

@@ -230,31 +230,31 @@ class Trainer:
         return row
 
     def _load_adapter(self, file: Path) -> None:
-        """Start from the UNet LoRA in `file`: read by the pipeline's own loader (diffusers' layout or a kohya/A1111
-        file), its update rescaled to this run's alpha/rank so that the starting adapter draws what it drew."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
+        """Start from the UNet LoRA in `file`: read as the bank store reads it (diffusers' layout or a kohya/A1111
+        file, tipsen.store.lora_updates), its update rescaled to this run's alpha/rank so that the starting adapter
+        draws what it drew."""
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
-        from safetensors import SafetensorError
+
+        from tipsen.store import PeftOnly, Unavailable, lora_updates, map_safetensors
 
         what = f"--init-from {file.name}"
         try:
-            state, alphas, meta = self.pipe_cls.lora_state_dict(str(file.parent), weight_name=file.name,
-                                                                use_safetensors=True, return_lora_metadata=True)
-        except (SafetensorError, ValueError, KeyError) as exc:  # not safetensors, or not a LoRA diffusers reads
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ConfigError(f"{what}: not a LoRA adapter diffusers can read ({why})") from None
-        if other := sorted({k.split(".")[0] for k in state} - {"unet"}):
+            header, tensors, _ = map_safetensors(file)
+            updates = lora_updates(self.pipe_cls, tensors, header)
+        except (Unavailable, PeftOnly) as exc:  # not safetensors, or not a LoRA this trainer can continue
+            raise ConfigError(f"{what}: not a LoRA adapter diffusers can read ({exc})") from None
+        if other := sorted({m.split(".")[0] for m in updates} - {"unet"}):
             raise ConfigError(f"{what}: only UNet adapters can be continued; it also holds {', '.join(other)}")
-        source = (meta or {}).get("unet.lora_alpha") or self.cfg.rank  # diffusers' own default: alpha = rank
-        for down in [k for k in state if k.endswith("down.weight")]:
-            alpha = float((alphas or {}).get(f"{down}.alpha", source))  # a kohya file: each layer's own
-            up = down.removesuffix("down.weight") + "up.weight"
-            state[up] = state[up] * (alpha / self.cfg.alpha)  # the same update at this run's alpha/rank
-        state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
-        ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+        ranks = {a.shape[0] for a, _, _ in updates.values()}
         if ranks != {self.cfg.rank}:
             raise ConfigError(f"{what}: rank {', '.join(map(str, sorted(ranks)))}; train.rank is {self.cfg.rank} "
                               "(continued training keeps the rank)")
+        scaling = self.cfg.alpha / self.cfg.rank  # this run's: B is stored so that B * scaling is the same update
+        state = {}
+        for module, (a, b, scale) in updates.items():
+            name = module.removeprefix("unet.")
+            state[f"{name}.lora_A.weight"] = a.clone()
+            state[f"{name}.lora_B.weight"] = b * (scale / scaling)
         expected = set(get_peft_model_state_dict(self.unet))
         if differ := sorted(expected ^ set(state)):
             raise ConfigError(f"{what}: its layers are not train.target_modules' ({len(differ)} differ, e.g. "
