@@ -137,12 +137,20 @@ class _Gathered:
         got = self._weights(x.shape[0], x.device, x.dtype)
         if got is None:
             return out
-        index, rows_a, rows_b = got
-        if index is not None:
-            x = x.index_select(0, index)
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        delta = flat.bmm(rows_a).bmm(rows_b).reshape(*x.shape[:-1], rows_b.shape[-1]).to(out.dtype)
-        return out + delta if index is None else out.index_add(0, index, delta)
+        return add_rows(out, x, *got)
+
+
+def add_rows(out, x, index, rows_a, rows_b):
+    """`out` (a layer's own output, changed in place) plus each row's update x_i A_i B_i: rows_a [n, in, r] and
+    rows_b [n, r, out] for the rows in `index` (None: every row)."""
+    if index is not None:
+        x = x.index_select(0, index)
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    if index is None:  # out += (x A) B in one fused product
+        out.view(flat.shape[0], -1, out.shape[-1]).baddbmm_(flat.bmm(rows_a), rows_b)
+        return out
+    delta = flat.bmm(rows_a).bmm(rows_b).reshape(*x.shape[:-1], rows_b.shape[-1])
+    return out.index_add_(0, index, delta.to(out.dtype))
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from tipsen.lora_batch import components, expected_warnings_quiet, per_sample
+from tipsen.lora_batch import add_rows, components, expected_warnings_quiet, per_sample
 
 if TYPE_CHECKING:
     from tipsen.bank import Bank, BankEntry
@@ -534,15 +534,7 @@ class BankStore:
             got = cache[key]
             if got is None:
                 return out
-            index, rows_a, rows_b = got
-            if index is not None:
-                x = x.index_select(0, index)
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            if index is None:  # every row: out += (x A) B in one fused product, in place (out is the layer's own)
-                out.view(flat.shape[0], -1, out.shape[-1]).baddbmm_(flat.bmm(rows_a), rows_b)
-                return out
-            delta = flat.bmm(rows_a).bmm(rows_b).reshape(*x.shape[:-1], rows_b.shape[-1])
-            return out.index_add_(0, index, delta.to(out.dtype))
+            return add_rows(out, x, *got)
         return hook
 
     # ------------------------------------------------------------------ fusing (single-keyword workloads)
