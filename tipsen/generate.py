@@ -179,7 +179,7 @@ class Generator:
         """Re-read the bank index: new and changed adapters are read and verified beside the serving ones, then
         swapped in between two diffusion batches. A changed adapter whose new file is refused keeps its serving
         version. Raises RuntimeError while another reload runs."""
-        from tipsen.store import describe
+        from tipsen.store import served
 
         if not self._reloading.acquire(blocking=False):
             raise RuntimeError("a bank reload is already running")
@@ -194,7 +194,7 @@ class Generator:
                 self.store.swap(new)
         finally:
             self._reloading.release()
-        before, after = describe(old), describe(new)
+        before, after = served(old), served(new)
         changes = {
             "added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
             "changed": sorted(s for s in set(after) & set(before) if after[s]["sha256"] != before[s]["sha256"]),
@@ -222,10 +222,10 @@ class Generator:
         return self.store.version.bank_error
 
     def status(self) -> dict:
-        from tipsen.store import describe
+        from tipsen.store import served
 
         v = self.store.version
-        loaded = describe(v)
+        loaded = served(v)
         return {
             "base_model": self.base, "pipeline": type(self.pipe).__name__, "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "native_size": self.native,

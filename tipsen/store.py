@@ -608,7 +608,7 @@ def _gather(stack: _Stack, rows: list[list[tuple[str, float]]], device, dtype):
     return index, rows_a, rows_b
 
 
-def describe(version: Version) -> dict[str, dict]:
+def served(version: Version) -> dict[str, dict]:
     """Each usable adapter's path, sha256, when it was loaded and its resident bytes (GET /keywords, status)."""
     return {slug: {"path": a.path, "sha256": a.sha256, "why_peft": a.why_peft, "modules": a.modules,
                    "bytes": a.nbytes,
