@@ -3,7 +3,7 @@
 The service reads its params file, profile and bank from TIPSEN_PARAMS, TIPSEN_PROFILE and TIPSEN_BANK; this
 command checks them first (a mistake is one line, not a server that never gets ready), sets them, and then
 replaces itself with `bentoml serve`, so signals reach the server directly. The bank is read when the server
-starts: after `tipsen bank build` (or `dvc repro`), restart it.
+starts; after `tipsen bank build` (or `dvc repro`), `POST /bank/reload` swaps the new adapters in.
 """
 from __future__ import annotations
 
