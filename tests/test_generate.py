@@ -619,6 +619,14 @@ def test_cli_writes_png_and_prints_json(root, lora_root, tmp_path, capsys):
     capsys.readouterr()
     for extra in ("out-0.png", "out-1.png"):
         out.with_name(extra).unlink()
+    assert main(["generate", "grandma's kitchen", "--params", str(root / "params.yaml"), "--profile", "demo",
+                 "--out", str(out), "--seed", "9", "--steps", str(STEPS), "--bank", str(lora_root / "bank.json"),
+                 "--keyword", "yakgwa", "--keyword", "gimjang"]) == 0  # two keywords in one picture
+    both = json.loads(capsys.readouterr().out)
+    assert [a["slug"] for a in both["adapters"]] == ["yakgwa", "gimjang"]
+    with Image.open(out) as image:
+        hashes = a1111_png_info(image.text["parameters"])[2]["Lora hashes"]
+    assert hashes == f'"yakgwa: {both["adapters"][0]["sha256"][:12]}, gimjang: {both["adapters"][1]["sha256"][:12]}"'
     code = main(["generate", "x", "--params", str(root / "params.yaml"), "--profile", "demo", "--out", str(out),
                  "--steps", "99", "--bank", str(lora_root / "bank.json")])
     assert code == 2 and "steps:" in capsys.readouterr().err
