@@ -656,3 +656,31 @@ def test_sd1_base_generates_through_the_same_generator(demo_params, lora_root, r
     b = gen.generate({"prompt": "김장", "seed": 2, "steps": STEPS})
     assert a.images[0].size == (64, 64) and a.metadata["model"] == "tiny:sd" and a.metadata["adapter"] is None
     assert np.array_equal(_pixels(a.images[0]), _pixels(b.images[0]))
+
+
+def test_a_replacement_with_nans_leaves_the_old_adapter_drawing(demo_params, lora_root, tmp_path, registry):
+    """A retrained file that passes its checksum but holds a NaN fails the store's finiteness pass after stacking:
+    the adapter it replaces keeps serving, with its weights really in the new version's stacks."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tipsen.bank import WEIGHTS_NAME, build_bank
+    from tipsen.generate import Generator
+
+    root = _copy_bank(lora_root, tmp_path, registry)
+    gen = Generator(demo_params, bank=root / "bank.json", registry=registry)
+    req = {"prompt": "a family in autumn", "keyword": "gimjang", "seed": 4, "steps": STEPS}
+    before, sha = gen.generate(req).images[0], gen.entries["gimjang"].sha256
+    file = root / "loras" / "gimjang" / WEIGHTS_NAME
+    tensors = load_file(str(file))
+    key = next(iter(tensors))
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(file))
+    build_bank(root / "loras", root / "bank.json", keywords=SLUGS, registry=registry, base_model="tiny:sdxl")
+    changes = gen.reload()
+    assert changes["kept"] == ["gimjang"] and "non-finite values" in gen.reasons["gimjang"]
+    assert all("gimjang" in s.slot for s in gen.store.version.stacks.values())
+    after = gen.generate(req)
+    assert after.metadata["adapter_sha256"] == sha and _same(after.images[0], before)
+    assert torch.isfinite(torch.tensor(np.asarray(after.images[0], dtype=np.float32))).all()

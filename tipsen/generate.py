@@ -264,10 +264,10 @@ class Generator:
                 self.adapter_for(slug, field=field)
             else:
                 self.registry.get(slug, field=field)
-        if req.use_lora and (dropped := self._drawable(chosen)[1]):
-            raise ConfigError(f"{field}: {', '.join(dropped)} cannot be drawn together with "
-                              f"{self._drawable(chosen)[0][-1]}: each goes through peft's path (one per picture); "
-                              "allowed: one of them")
+        kept, dropped = self._drawable(chosen) if req.use_lora else (chosen, [])
+        if dropped:
+            raise ConfigError(f"{field}: {', '.join(dropped)} cannot be drawn together with {kept[-1]}: each goes "
+                              "through peft's path (one per picture); allowed: one of them")
         return chosen
 
     def _drawable(self, slugs) -> tuple[list[str], list[str]]:

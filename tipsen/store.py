@@ -27,7 +27,7 @@ import os
 import stat
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,6 +383,7 @@ class BankStore:
         import torch
 
         device, dtype = self.pipe.device, self.pipe.dtype
+        new.stacks = {}
         modules: dict[str, list[str]] = {}
         for slug, loaded in new.adapters.items():
             if loaded.path != STORE:
@@ -448,7 +449,11 @@ class BankStore:
             for stack in new.stacks.values():
                 stack.slot.pop(slug, None)
             del new.adapters[slug]
+            updates.pop(slug, None)
             self._refused(new, old, slug, why)
+        if any(slug in new.adapters for slug in failed):  # an old version serves on: its slots come from `old`
+            self._stack(new, old, updates)
+            return
         for slug, loaded in list(new.adapters.items()):
             if loaded.path == STORE:
                 held = [(st, st.slot[slug]) for st in new.stacks.values() if slug in st.slot]
@@ -505,7 +510,7 @@ class BankStore:
             peft_scales.append(peft[0][1] if peft else 0.0)
         n = len(adapters)
         table = {n: rows_store, 2 * n: rows_store + rows_store}
-        hooks = per_sample(self.modules, peft_names, peft_scales) if any(peft_names) else _nothing()
+        hooks = per_sample(self.modules, peft_names, peft_scales) if any(peft_names) else nullcontext()
         if self._active is not None:
             raise RuntimeError("batch: another batch is drawing with this store")
         self._active = (version, table, {}) if any(rows_store) else None
@@ -578,11 +583,6 @@ def _find(pipe, module: str):
         return getattr(pipe, prefix).get_submodule(name)
     except AttributeError:
         return None
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _gather(stack: _Stack, rows: list[list[tuple[str, float]]], device, dtype):
